@@ -1,0 +1,130 @@
+"""The exception tree: one small class per failure a caller can act on.
+
+Everything the library raises on purpose derives from `LlmlbError`, so one `except` catches it all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+class LlmlbError(Exception):
+    """Base class of every error llmlb-node raises on purpose."""
+
+
+class CatalogError(LlmlbError):
+    """The supported-models catalog is unreadable or invalid (names file, entry and field)."""
+
+
+class UnsupportedModelError(LlmlbError, LookupError):
+    """The model id is not in the catalog (and not installed by hand)."""
+
+    def __init__(self, model_id: str, catalog_path: str, suggestions: Sequence[str] = ()) -> None:
+        self.model_id = model_id
+        self.catalog_path = catalog_path
+        self.suggestions = tuple(suggestions)
+        hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
+        super().__init__(
+            f"model {model_id!r} is not supported: it is not defined in {catalog_path}.{hint}"
+            " Run `llmlb-node models` to list supported ids."
+        )
+
+
+class InvalidModelIdError(UnsupportedModelError, ValueError):
+    """The model id is not a valid id at all (path separators, '..', empty)."""
+
+    def __init__(self, model_id: str, catalog_path: str = "") -> None:
+        self.model_id = model_id
+        self.catalog_path = catalog_path
+        self.suggestions = ()
+        LlmlbError.__init__(
+            self,
+            f"invalid model id {model_id!r}: ids match [A-Za-z0-9][A-Za-z0-9._-]*",
+        )
+
+
+class ModelNotInstalledError(LlmlbError, LookupError):
+    """The model is not in the local store (raised where the network may not be used)."""
+
+
+class InsufficientDiskSpaceError(LlmlbError, OSError):
+    """The store's filesystem has less free space than the download still needs."""
+
+    def __init__(self, path: Path | str, needed: int, free: int) -> None:
+        self.path = str(path)
+        self.needed = needed
+        self.free = free
+        LlmlbError.__init__(
+            self,
+            f"not enough disk space in {self.path}: need {_human(needed)}, "
+            f"{_human(free)} free. Free some space or point LLMLB_MODELS_DIR elsewhere.",
+        )
+
+
+class IntegrityError(LlmlbError):
+    """Downloaded bytes failed verification (size, sha256 or GGUF magic); nothing was installed."""
+
+
+class DownloadStalledError(LlmlbError, TimeoutError):
+    """No byte arrived for LLMLB_STALL_TIMEOUT seconds, too many times in a row."""
+
+    def __init__(self, source: str, url: str, offset: int, stalls: int, window: float) -> None:
+        self.source = source
+        self.offset = offset
+        super().__init__(
+            f"{source}: download stalled {stalls} times at byte {offset} "
+            f"(no data for {window:g}s each time) from {url}"
+        )
+
+
+@dataclass(frozen=True)
+class SourceFailure:
+    """Why one source could not deliver a model: what was tried and what went wrong."""
+
+    source: str
+    """The source's label, e.g. ``huggingface:org/repo`` or ``llmlb-proxy``."""
+    kind: str
+    """One of: skipped, offline, blocked, refused, dns, timeout, stalled, unauthorized,
+    forbidden, not_found, http, network, integrity, disk, missing."""
+    message: str
+    """A one-line human explanation, with the advice when there is one."""
+    url: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.message}"
+
+
+class SourceError(LlmlbError):
+    """One source failed to deliver; carries a `SourceFailure`. The resolver moves on."""
+
+    def __init__(self, failure: SourceFailure) -> None:
+        self.failure = failure
+        super().__init__(str(failure))
+
+
+class ModelDownloadError(LlmlbError):
+    """Every source failed or was skipped; `.failures` says why, source by source."""
+
+    def __init__(self, model_id: str, failures: Sequence[SourceFailure]) -> None:
+        self.model_id = model_id
+        self.failures = tuple(failures)
+        lines = "\n".join(f"  - {f}" for f in self.failures) or "  - no source is configured"
+        super().__init__(f"could not download model {model_id!r}; every source failed:\n{lines}")
+
+
+class ModelLoadError(LlmlbError):
+    """llama.cpp could not load the resolved file with the chosen offload plan."""
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

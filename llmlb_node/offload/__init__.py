@@ -1,0 +1,351 @@
+"""GPU offload planning: how many layers llama.cpp should put on which GPU, and why.
+
+One module per platform strategy (metal, cuda, rocm, vulkan, cpu) sits behind `plan_offload`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import util as importlib_util
+from pathlib import Path
+
+from . import cpu, cuda, metal, rocm, vulkan
+from ._common import GpuDevice, human_bytes
+
+__all__ = [
+    "ASSUMED_LAYERS",
+    "ENV_VAR",
+    "GpuDevice",
+    "OffloadPlan",
+    "built_backends",
+    "detect_devices",
+    "gpu_offload_supported",
+    "plan_offload",
+    "rebuild_hint",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "LLMLB_N_GPU_LAYERS"
+ASSUMED_LAYERS = 24
+"""Layer count assumed for a partial offload when the caller does not know the real one."""
+UNKNOWN_LAYERS_HEADROOM = 0.9
+"""Share of free GPU memory used when the layer count is unknown (the rest is headroom)."""
+
+_STRATEGIES = {"cuda": cuda, "rocm": rocm, "vulkan": vulkan, "metal": metal}
+_DETECTORS: tuple[Callable[[Mapping[str, str]], tuple[GpuDevice, ...]], ...] = (
+    cuda.detect,
+    rocm.detect,
+    vulkan.detect,
+    metal.detect,
+    cpu.detect,  # always empty: the CPU is the fallback, not a device
+)
+_PRIORITY = ("metal", "cuda", "rocm", "sycl", "vulkan")
+_LIB_BACKENDS = {
+    "cuda": "cuda",
+    "hip": "rocm",
+    "vulkan": "vulkan",
+    "metal": "metal",
+    "sycl": "sycl",
+    "blas": "blas",
+    "opencl": "opencl",
+}
+_LIB_PATTERN = re.compile(r"^(?:lib)?ggml-([a-z]+)\.(?:so|dylib|dll)(?:\.|$)")
+
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """What `plan_offload` decided: pass ``n_gpu_layers`` to ``llama_cpp.Llama``."""
+
+    n_gpu_layers: int
+    """-1 means all layers; 0 means CPU only."""
+    backend: str
+    """``metal``, ``cuda``, ``rocm``, ``vulkan`` (``sycl`` for SYCL builds) or ``cpu``."""
+    reason: str
+    devices: tuple[GpuDevice, ...] = ()
+
+    @property
+    def layers_text(self) -> str:
+        """``all layers (-1)``, ``CPU only (0)`` or ``20 layers``."""
+        n = self.n_gpu_layers
+        if n < 0:
+            return f"all layers ({n})"
+        if n == 0:
+            return "no layers offloaded (0)"
+        return f"{n} layer" if n == 1 else f"{n} layers"
+
+    def __str__(self) -> str:
+        return f"{self.backend}, {self.layers_text}: {self.reason}"
+
+
+def gpu_offload_supported() -> bool:
+    """Whether the installed llama.cpp can offload to a GPU it sees; False if not importable."""
+    try:
+        import llama_cpp
+    except Exception as exc:  # ImportError, or OSError when the shared library fails to load
+        logger.debug("llama_cpp is not importable: %s", exc)
+        return False
+    try:
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception as exc:
+        logger.debug("llama_supports_gpu_offload() failed: %s", exc)
+        return False
+
+
+def built_backends() -> tuple[str, ...]:
+    """The ggml backends compiled into the installed llama-cpp-python, from its library files.
+
+    Reads file names only (no import): e.g. ``("cuda",)`` for a CUDA build, ``()`` for CPU only.
+    """
+    try:
+        spec = importlib_util.find_spec("llama_cpp")
+    except (ImportError, ValueError):
+        return ()
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    found: set[str] = set()
+    for location in spec.submodule_search_locations:
+        for folder in (Path(location) / "lib", Path(location)):
+            try:
+                names = [p.name for p in folder.iterdir()]
+            except OSError:
+                continue
+            for file_name in names:
+                match = _LIB_PATTERN.match(file_name)
+                if match and match.group(1) in _LIB_BACKENDS:
+                    found.add(_LIB_BACKENDS[match.group(1)])
+    return tuple(sorted(found, key=lambda b: (_PRIORITY + ("blas", "opencl")).index(b)))
+
+
+def detect_devices(env: Mapping[str, str] | None = None) -> tuple[GpuDevice, ...]:
+    """Every GPU the platform tools can see: CUDA, ROCm, Vulkan, then Metal.
+
+    The tools run in parallel, each for at most 2 s; a missing or failing one contributes
+    nothing. `env` (default os.environ) is only read for the ``*_VISIBLE_DEVICES`` variables.
+    """
+    env = os.environ if env is None else env
+    with ThreadPoolExecutor(len(_DETECTORS), thread_name_prefix="llmlb-gpu-detect") as pool:
+        futures = [pool.submit(detect, env) for detect in _DETECTORS]  # tools run side by side
+    devices: list[GpuDevice] = []
+    for detect, future in zip(_DETECTORS, futures, strict=True):
+        try:
+            devices.extend(future.result())
+        except Exception as exc:  # a detector must never break loading
+            logger.debug("GPU detector %s failed: %s", detect.__module__, exc)
+    return tuple(devices)
+
+
+def rebuild_hint(backend: str) -> str:
+    """The commands that rebuild llama-cpp-python for `backend` (a preset name)."""
+    from ..backend import rebuild_hint as _hint
+
+    preset = _STRATEGIES[backend].PRESET if backend in _STRATEGIES else backend
+    return _hint(preset)
+
+
+def plan_offload(
+    required_memory_bytes: int | None = None,
+    *,
+    n_gpu_layers: int | str | None = "auto",
+    n_layers: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> OffloadPlan:
+    """Decide ``n_gpu_layers`` for a model needing `required_memory_bytes` bytes.
+
+    Rules, in order:
+
+    1. an explicit `n_gpu_layers` (int, or a numeric string) always wins;
+    2. else ``LLMLB_N_GPU_LAYERS`` from `env` (default os.environ): an int, or ``auto``;
+    3. else auto: Apple silicon with a build that can offload -> -1 (all layers, Metal). A build
+       that can offload plus a visible CUDA/ROCm/Vulkan device -> -1 when the model fits in the
+       free memory of that backend's devices (summed: llama.cpp splits layers across them), else
+       ``floor(n_layers * free / required)``. Without `n_layers` we assume `ASSUMED_LAYERS`
+       layers and use `UNKNOWN_LAYERS_HEADROOM` of the free memory, which under-offloads (never
+       over-commits) any model with at least that many layers; the reason says so. A model size
+       or free memory that is unknown counts as "fits". Everything else -> CPU (0).
+
+    A GPU that is visible while the installed llama.cpp cannot offload logs one WARNING per
+    process (and backend) with the rebuild command. Raises `ValueError` for a malformed value.
+    """
+    env = os.environ if env is None else env
+    fixed = _parse_layers(n_gpu_layers, "n_gpu_layers")
+    if fixed is not None:
+        plan = _plan_fixed(fixed, f"explicit n_gpu_layers={fixed}", env)
+    else:
+        fixed = _parse_layers(env.get(ENV_VAR), ENV_VAR)
+        if fixed is not None:
+            plan = _plan_fixed(fixed, f"{ENV_VAR}={fixed} from the environment", env)
+        else:
+            plan = _plan_auto(required_memory_bytes, n_layers, env)
+    logger.info("offload plan: %s", plan)
+    return plan
+
+
+def _parse_layers(value: int | str | None, source: str) -> int | None:
+    """An int, or None for auto; `ValueError` for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{source}={value!r} must be an integer or 'auto'")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if not text or text.lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{source}={value!r} must be an integer or 'auto'") from None
+
+
+def _plan_fixed(layers: int, reason: str, env: Mapping[str, str]) -> OffloadPlan:
+    if layers == 0:
+        return OffloadPlan(0, "cpu", reason)
+    supported = gpu_offload_supported()
+    devices = detect_devices(env)
+    built = built_backends()
+    choice = _choose(devices, built)
+    if not supported:
+        if choice is not None:
+            _warn_cannot_offload(choice[0], choice[1], built)
+        return OffloadPlan(
+            layers,
+            "cpu",
+            f"{reason}, but this llama.cpp build cannot offload: runs on CPU",
+            devices,
+        )
+    if choice is None:
+        return OffloadPlan(layers, _guess_backend(built), reason)
+    return OffloadPlan(layers, choice[0], reason, choice[1])
+
+
+def _plan_auto(required: int | None, n_layers: int | None, env: Mapping[str, str]) -> OffloadPlan:
+    supported = gpu_offload_supported()
+    devices = detect_devices(env)
+    built = built_backends()
+    choice = _choose(devices, built)
+    if not supported:
+        if choice is None:
+            return OffloadPlan(0, "cpu", "no GPU detected: running on CPU")
+        backend, devs = choice
+        hint = _warn_cannot_offload(backend, devs, built)
+        return OffloadPlan(
+            0,
+            "cpu",
+            f"{_names(devs)} visible but this llama.cpp build cannot offload to it: "
+            f"running on CPU; {hint}",
+            devices,
+        )
+    if choice is None:
+        backend = _guess_backend(built)
+        return OffloadPlan(
+            -1, backend, "llama.cpp reports a usable GPU (no device details found): all layers"
+        )
+    backend, devs = choice
+    if backend == "metal":
+        return OffloadPlan(-1, backend, f"Apple silicon ({_names(devs)}), unified memory", devs)
+
+    free, note = _free_memory(backend, devs, devices)
+    where = f"{_names(devs)}{note}"
+    if required is None:
+        return OffloadPlan(-1, backend, f"model size unknown, assuming it fits on {where}", devs)
+    if free is None:
+        return OffloadPlan(-1, backend, f"free memory of {where} unknown, assuming it fits", devs)
+    need = f"model needs {human_bytes(required)}, {human_bytes(free)} free on {where}"
+    if required <= free:
+        return OffloadPlan(-1, backend, f"{need}: fits", devs)
+    if n_layers and n_layers > 0:
+        n = max(0, n_layers * free // required)
+        reason = f"{need}: {n} of {n_layers} layers (n_layers * free / required)"
+    else:
+        headroom_pct = round(UNKNOWN_LAYERS_HEADROOM * 100)
+        n = max(0, int(ASSUMED_LAYERS * free * headroom_pct // (required * 100)))
+        reason = (
+            f"{need}: layer count unknown, so conservatively assuming {ASSUMED_LAYERS} layers "
+            f"and using {headroom_pct}% of free memory: {n} layers "
+            "(pass n_layers for an exact split)"
+        )
+    if n == 0:
+        return OffloadPlan(0, "cpu", f"{reason}; running on CPU", devs)
+    return OffloadPlan(n, backend, reason, devs)
+
+
+def _choose(
+    devices: Sequence[GpuDevice], built: Sequence[str]
+) -> tuple[str, tuple[GpuDevice, ...]] | None:
+    """The backend to use and its devices: the compiled-in backend if it sees one, else priority."""
+    by_backend: dict[str, list[GpuDevice]] = {}
+    for device in devices:
+        by_backend.setdefault(device.backend, []).append(device)
+    for backend in (*built, *_PRIORITY):
+        if backend in by_backend:
+            return backend, tuple(by_backend[backend])
+    return None
+
+
+def _guess_backend(built: Sequence[str]) -> str:
+    """A label for a GPU llama.cpp uses but no tool showed us."""
+    for backend in built:
+        if backend in _PRIORITY:
+            return backend
+    return "metal" if metal.is_apple_silicon() else "cuda"
+
+
+def _free_memory(
+    backend: str, devs: Sequence[GpuDevice], devices: Sequence[GpuDevice]
+) -> tuple[int | None, str]:
+    """Free bytes over the chosen devices (llama.cpp splits layers across them).
+
+    Vulkan reports no memory; then the same cards as seen by nvidia-smi / rocm-smi stand in.
+    """
+    known = [d.free_memory for d in devs if d.free_memory is not None]
+    if known:
+        return sum(known), ""
+    if backend == "vulkan":
+        others = [d for d in devices if d.backend != backend and d.free_memory is not None]
+        if others:
+            tools = sorted({d.backend for d in others})
+            return sum(d.free_memory or 0 for d in others), f" (memory per {'/'.join(tools)})"
+    return None, ""
+
+
+def _names(devs: Sequence[GpuDevice]) -> str:
+    names = [d.name for d in devs]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{devs[0].backend} GPU {shown}" if devs else "no GPU"
+
+
+def _warn_cannot_offload(backend: str, devs: Sequence[GpuDevice], built: Sequence[str]) -> str:
+    """Log, once per process and backend, that a visible GPU goes unused; return the hint."""
+    hint = f"rebuild it with {rebuild_hint(backend)}"
+    if backend in built:
+        hint = (
+            f"the {backend} backend is built in but found no usable device "
+            f"(check the driver and runtime), or {hint}"
+        )
+    with _warn_lock:
+        if backend in _warned:
+            return hint
+        _warned.add(backend)
+    logger.warning(
+        "%s is visible but the installed llama-cpp-python cannot offload to it, so models run "
+        "on the CPU (much slower); %s",
+        _names(devs),
+        hint,
+    )
+    return hint
+
+
+def _reset_warnings() -> None:
+    """Forget which warnings were logged (for tests)."""
+    with _warn_lock:
+        _warned.clear()

@@ -1,0 +1,478 @@
+"""The resolution chain: local store -> catalog -> external sources -> llmlb proxy.
+
+Orchestrates the other modules (it owns no I/O details) and makes sure that any number of threads
+and processes asking for one model download it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .catalog import Catalog, ModelEntry, is_valid_id, load_catalog
+from .errors import (
+    DownloadStalledError,
+    InsufficientDiskSpaceError,
+    InvalidModelIdError,
+    ModelDownloadError,
+    ModelNotInstalledError,
+    SourceError,
+    SourceFailure,
+)
+from .progress import (
+    Monitor,
+    ProgressCallback,
+    ProgressEvent,
+    event_from_status,
+    read_status_file,
+)
+from .settings import Settings
+from .store import InstallRecord, ModelStore, pid_alive
+
+if TYPE_CHECKING:
+    from .download import Downloader, Fetched
+    from .sources import Source
+
+log = logging.getLogger(__name__)
+
+SourceFactory = Callable[[ModelEntry, Settings], "list[Source]"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to load: where its files are and where they came from."""
+
+    model_id: str
+    path: Path
+    """The main file: what llama.cpp opens (the first file of a split GGUF)."""
+    paths: tuple[Path, ...]
+    source: str
+    """``local`` for a cached resolve, else the source that delivered the files."""
+    entry: ModelEntry | None = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """llmlb's ModelResolutionStatus for one model."""
+
+    model_id: str
+    status: str
+    """local, waiting, downloading, completed, error, or missing (not installed, idle)."""
+    progress: float
+    downloaded_bytes: int
+    total_bytes: int | None
+    local_path: str | None
+    error_message: str | None = None
+    source: str | None = None
+    bytes_per_s: float = 0.0
+    pid: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Flight:
+    """One in-process download that every thread asking for the same model shares."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self.done = threading.Event()
+        self.result: ResolvedModel | None = None
+        self.error: BaseException | None = None
+
+
+# Shared by every resolver in the process, so two resolvers on one store still download once.
+_FLIGHTS: dict[tuple[str, str], _Flight] = {}
+_FLIGHTS_LOCK = threading.Lock()
+_SLOTS: threading.BoundedSemaphore | None = None
+
+
+def _slots(n: int) -> threading.BoundedSemaphore:
+    global _SLOTS
+    with _FLIGHTS_LOCK:
+        if _SLOTS is None:
+            _SLOTS = threading.BoundedSemaphore(n)
+        return _SLOTS
+
+
+class ModelResolver:
+    """Resolve model ids to verified local files. `ModelResolver()` reads the environment."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        catalog: Catalog | None = None,
+        sources: SourceFactory | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.store = ModelStore(self.settings.models_dir)
+        self._catalog = catalog
+        self._source_factory = sources
+        self._downloader: Downloader | None = None
+        self._init_lock = threading.Lock()
+
+    # -- public API -----------------------------------------------------------------------
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            with self._init_lock:
+                if self._catalog is None:
+                    self._catalog = load_catalog(self.settings.catalog_path)
+        return self._catalog
+
+    def resolve(self, model_id: str, *, progress: ProgressCallback | None = None) -> ResolvedModel:
+        """The model's local path, downloading and installing it first if needed.
+
+        Raises `UnsupportedModelError` (unknown id), `ModelDownloadError` (every source failed,
+        with each one's cause), `InsufficientDiskSpaceError`, or `CatalogError`.
+        """
+        found = self.installed(model_id)
+        if found is not None:
+            return found
+        entry = self.catalog.get(model_id)  # UnsupportedModelError, before any network
+        key = (str(self.settings.models_dir), model_id)
+        with _FLIGHTS_LOCK:
+            flight = _FLIGHTS.get(key)
+            owner = flight is None
+            if flight is None:
+                flight = _Flight(Monitor(model_id, self.store.status_path(model_id)))
+                _FLIGHTS[key] = flight
+        flight.monitor.subscribe(progress)
+        if not owner:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.result is not None
+            return flight.result
+        try:
+            flight.result = self._download(entry, flight.monitor)
+            return flight.result
+        except BaseException as exc:
+            flight.error = exc
+            flight.monitor.stage("failed", message=str(exc).splitlines()[0])
+            raise
+        finally:
+            with _FLIGHTS_LOCK:
+                _FLIGHTS.pop(key, None)
+            flight.monitor.close()
+            flight.done.set()
+
+    def installed(self, model_id: str) -> ResolvedModel | None:
+        """The installed model, or None. Never touches the network: a few stat calls."""
+        if not is_valid_id(model_id):
+            raise InvalidModelIdError(model_id, str(self.settings.catalog_path))
+        entry = self.catalog.find(model_id)
+        record = self.store.lookup(model_id, entry) or self.store.adopt_manual(model_id)
+        if record is None:
+            return None
+        return self._resolved(record, entry, "local")
+
+    def path(self, model_id: str) -> Path:
+        """The installed main file; `ModelNotInstalledError` if it is not installed."""
+        found = self.installed(model_id)
+        if found is None:
+            if model_id not in self.catalog:
+                self.catalog.get(model_id)  # raises UnsupportedModelError with suggestions
+            raise ModelNotInstalledError(
+                f"model {model_id!r} is not installed in {self.settings.models_dir}; "
+                f"run `llmlb-node pull {model_id}`"
+            )
+        return found.path
+
+    def remove(self, model_id: str) -> bool:
+        """Delete an installed model (files, record, partial downloads)."""
+        if not is_valid_id(model_id):
+            raise InvalidModelIdError(model_id)
+        return self.store.remove(model_id)
+
+    def status(self, model_id: str | None = None) -> ModelStatus | list[ModelStatus]:
+        """llmlb's ModelResolutionStatus for one model, or for every known model."""
+        if model_id is None:
+            ids = dict.fromkeys(self.catalog.ids)
+            ids.update(dict.fromkeys(self.store.installed_ids()))
+            meta_root = self.settings.models_dir / ".llmlb"
+            if meta_root.is_dir():
+                ids.update(
+                    dict.fromkeys(p.name for p in meta_root.iterdir() if is_valid_id(p.name))
+                )
+            return [self._status(i) for i in ids]
+        return self._status(model_id)
+
+    def close(self) -> None:
+        if self._downloader is not None:
+            self._downloader.close()
+            self._downloader = None
+
+    def __enter__(self) -> ModelResolver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the download ---------------------------------------------------------------------
+    def _download(self, entry: ModelEntry, monitor: Monitor) -> ResolvedModel:
+        slots = _slots(self.settings.max_concurrent_downloads)
+        if not slots.acquire(blocking=False):
+            monitor.stage("waiting", message="queued behind other downloads")
+            slots.acquire()
+        try:
+            lock = self._lock_or_installed(entry, monitor)
+            if isinstance(lock, InstallRecord):
+                return self._finish(entry, lock, monitor, "local")
+            try:
+                record = self.store.lookup(entry.id, entry)
+                if record is not None:  # finished by someone else while we queued
+                    return self._finish(entry, record, monitor, "local")
+                return self._fetch(entry, monitor)
+            finally:
+                if lock is not None:
+                    lock.release()
+        finally:
+            slots.release()
+
+    def _lock_or_installed(self, entry: ModelEntry, monitor: Monitor) -> Any:
+        """Take the model's cross-process lock, or return the record another process installed.
+
+        Returns None (go on without the lock) when the holder looks hung: its status file has
+        not moved for several stall windows. Correctness never depends on the lock: every
+        writer has its own temporary file and publishes with an atomic rename.
+        """
+        from filelock import FileLock, Timeout
+
+        path = self.store.lock_path(entry.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path), thread_local=False, preserve_lock_file=True)
+        stale_after = self._stale_after()
+        waiting_since = time.monotonic()
+        announced = False
+        while True:
+            try:
+                lock.acquire(timeout=0.1)
+                return lock
+            except Timeout:
+                pass
+            record = self.store.lookup(entry.id, entry)
+            if record is not None:
+                return record
+            data = read_status_file(self.store.status_path(entry.id))
+            if not announced:
+                announced = True
+                holder = (
+                    f"pid {data.get('pid')} on {data.get('host')}" if data else "another process"
+                )
+                log.info("%s: %s is downloading it; waiting", entry.id, holder)
+                monitor.stage("waiting", message=f"{holder} is downloading it")
+            if data is not None and data.get("pid") != os.getpid():
+                other = event_from_status(data)
+                if other.stage in ("downloading", "verifying"):
+                    monitor.relay(other)
+                updated = float(data.get("updated_at") or 0)
+                if time.time() - updated > stale_after:
+                    log.warning(
+                        "%s: the download held by pid %s on %s has not moved for %.0fs; "
+                        "taking over",
+                        entry.id,
+                        data.get("pid"),
+                        data.get("host"),
+                        time.time() - updated,
+                    )
+                    return None
+            elif time.monotonic() - waiting_since > stale_after:
+                log.warning(
+                    "%s: lock held for %.0fs with no status; taking over",
+                    entry.id,
+                    time.monotonic() - waiting_since,
+                )
+                return None
+
+    def _stale_after(self) -> float:
+        return self.settings.stall_timeout * (self.settings.max_stalls + 1)
+
+    def _fetch(self, entry: ModelEntry, monitor: Monitor) -> ResolvedModel:
+        store = self.store
+        done = store.verified_files(entry.id, entry)
+        todo = [f for f in entry.files if f.filename not in done]
+        needed = sum(
+            max((f.expected_size or 0) - store.partial_bytes(entry.id, f.filename), 0) for f in todo
+        )
+        free = store.free_bytes(entry.id)
+        if needed > free:
+            raise InsufficientDiskSpaceError(store.model_dir(entry.id), needed, free)
+
+        downloader = self._get_downloader()
+        ready: dict[str, Fetched] = {}
+        failures: list[SourceFailure] = []
+        stale_after = self._stale_after()
+        for source in self._sources(entry):
+            try:
+                for i, f in enumerate(todo):
+                    if f.filename in ready:
+                        continue
+                    monitor.stage("resolving", source=source.label, filename=f.filename)
+                    remote = source.locate(entry, f)
+                    rest = sum((g.expected_size or 0) for g in todo[i + 1 :])
+                    size = remote.size if remote.size is not None else f.expected_size
+                    monitor.file_started(f.filename, remote.source, size, rest)
+                    partial = store.claim_partial(entry.id, f.filename, stale_after)
+                    ready[f.filename] = downloader.fetch(remote, partial, f, monitor.bytes)
+                    monitor.file_done(ready[f.filename].size)
+            except SourceError as exc:
+                failures.append(exc.failure)
+                quiet = exc.failure.kind in ("skipped", "offline", "blocked", "missing")
+                log.log(logging.INFO if quiet else logging.WARNING, "%s: %s", entry.id, exc.failure)
+                continue
+            except DownloadStalledError as exc:
+                failures.append(SourceFailure(exc.source, "stalled", str(exc)))
+                log.warning("%s: %s", entry.id, exc)
+                continue
+            monitor.stage("verifying")
+            if store.lookup(entry.id, entry) is None:  # else another writer won the race
+                store.publish(
+                    entry.id,
+                    [
+                        (
+                            Path(ready[f.filename].path),
+                            f.filename,
+                            ready[f.filename].size,
+                            ready[f.filename].sha256,
+                        )
+                        for f in todo
+                    ],
+                    source.label,
+                    order=[f.filename for f in entry.files],
+                )
+            else:
+                for fetched in ready.values():
+                    Path(fetched.path).unlink(missing_ok=True)
+            record = store.lookup(entry.id, entry)
+            if record is None:
+                raise ModelDownloadError(
+                    entry.id,
+                    [
+                        SourceFailure(
+                            source.label, "integrity", "installed files changed during install"
+                        )
+                    ],
+                )
+            log.info(
+                "%s: installed from %s at %s",
+                entry.id,
+                source.label,
+                store.file_path(entry.id, record.files[0].filename),
+            )
+            return self._finish(entry, record, monitor, source.label)
+        raise ModelDownloadError(entry.id, failures)
+
+    def _finish(
+        self, entry: ModelEntry, record: InstallRecord, monitor: Monitor, source: str
+    ) -> ResolvedModel:
+        resolved = self._resolved(record, entry, source)
+        event = monitor.event
+        monitor.stage(
+            "installed", downloaded=event.total or event.downloaded, message=str(resolved.path)
+        )
+        return resolved
+
+    def _resolved(
+        self, record: InstallRecord, entry: ModelEntry | None, source: str
+    ) -> ResolvedModel:
+        base = self.settings.models_dir / record.model_id
+        paths = tuple(base / f.filename for f in record.files)
+        return ResolvedModel(record.model_id, paths[0], paths, source, entry)
+
+    def _sources(self, entry: ModelEntry) -> list[Source]:
+        if self._source_factory is not None:
+            return self._source_factory(entry, self.settings)
+        from .sources import build_sources
+
+        return build_sources(entry, self.settings)
+
+    def _get_downloader(self) -> Downloader:
+        if self._downloader is None:
+            with self._init_lock:
+                if self._downloader is None:
+                    from .download import Downloader
+
+                    self._downloader = Downloader(self.settings)
+        return self._downloader
+
+    # -- status ---------------------------------------------------------------------------
+    def _status(self, model_id: str) -> ModelStatus:
+        if not is_valid_id(model_id):
+            raise InvalidModelIdError(model_id)
+        flight = _FLIGHTS.get((str(self.settings.models_dir), model_id))
+        if flight is not None:
+            return _from_event(flight.monitor.event, None, os.getpid())
+        found = self.installed(model_id)
+        data = read_status_file(self.store.status_path(model_id))
+        if found is not None:
+            completed = data is not None and data.get("stage") == "installed"
+            size = sum(p.stat().st_size for p in found.paths if p.exists())
+            return ModelStatus(
+                model_id,
+                "completed" if completed else "local",
+                1.0,
+                size,
+                size,
+                str(found.path),
+                source=data.get("source") if data else "local",
+            )
+        if data is not None:
+            event = event_from_status(data)
+            pid = data.get("pid")
+            alive = data.get("host") != socket.gethostname() or (
+                isinstance(pid, int) and pid_alive(pid)
+            )
+            fresh = time.time() - float(data.get("updated_at") or 0) < self._stale_after()
+            if event.stage == "failed":
+                return _from_event(event, event.message or "download failed", pid)
+            if event.stage != "installed":
+                if alive and fresh:
+                    return _from_event(event, None, pid)
+                return _from_event(
+                    event,
+                    f"interrupted at {event.downloaded} bytes (pid {pid} is gone); "
+                    "the next resolve resumes it",
+                    pid,
+                )
+        total = None
+        if model_id in self.catalog:
+            total = self.catalog.get(model_id).total_size
+        return ModelStatus(model_id, "missing", 0.0, 0, total, None)
+
+
+def _from_event(event: ProgressEvent, error: str | None, pid: int | None) -> ModelStatus:
+    if error is not None:
+        status = "error"
+    elif event.stage in ("resolving", "waiting"):
+        status = "waiting"
+    elif event.stage == "installed":
+        status = "completed"
+    elif event.stage == "failed":
+        status = "error"
+        error = event.message
+    else:
+        status = "downloading"
+    return ModelStatus(
+        model_id=event.model_id,
+        status=status,
+        progress=event.fraction or (1.0 if status == "completed" else 0.0),
+        downloaded_bytes=event.downloaded,
+        total_bytes=event.total,
+        local_path=event.message if status == "completed" else None,
+        error_message=error,
+        source=event.source,
+        bytes_per_s=event.bytes_per_s,
+        pid=pid,
+    )

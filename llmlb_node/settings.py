@@ -1,0 +1,87 @@
+"""Settings from the environment: every LLMLB_* variable and the HF_* ones we honour.
+
+Read once into a frozen `Settings`; `Settings.from_env()` is what `ModelResolver()` uses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .catalog import catalog_path_from_env
+
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the resolver needs to know about its surroundings."""
+
+    home: Path
+    models_dir: Path
+    catalog_path: Path
+    llmlb_url: str | None = None
+    llmlb_api_key: str | None = field(default=None, repr=False)
+    origin_allowlist: tuple[str, ...] = ()
+    stall_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    max_concurrent_downloads: int = 2
+    download_connections: int = 4
+    parallel_threshold: int = 64 * 1024 * 1024
+    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    hf_token: str | None = field(default=None, repr=False)
+    hf_offline: bool = False
+    max_retries: int = 5
+    max_stalls: int = 3
+    retry_backoff: float = 0.5
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from `env` (default: os.environ); keyword overrides win."""
+        env = os.environ if env is None else env
+        home = Path(env.get("LLMLB_HOME") or Path.home() / ".llmlb").expanduser()
+        models = Path(env.get("LLMLB_MODELS_DIR") or home / "models").expanduser()
+        allow = tuple(
+            p.strip().lower() for p in env.get("LLMLB_ORIGIN_ALLOWLIST", "").split(",") if p.strip()
+        )
+        settings = cls(
+            home=home,
+            models_dir=models,
+            catalog_path=catalog_path_from_env(env),
+            llmlb_url=(env.get("LLMLB_URL") or "").rstrip("/") or None,
+            llmlb_api_key=env.get("LLMLB_API_KEY") or None,
+            origin_allowlist=allow,
+            stall_timeout=_float(env, "LLMLB_STALL_TIMEOUT", 30.0),
+            max_concurrent_downloads=max(1, _int(env, "LLMLB_MAX_CONCURRENT_DOWNLOADS", 2)),
+            download_connections=max(1, _int(env, "LLMLB_DOWNLOAD_CONNECTIONS", 4)),
+            hf_endpoint=(env.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/"),
+            hf_token=env.get("HF_TOKEN") or None,
+            hf_offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
+        )
+        return replace(settings, **overrides) if overrides else settings  # type: ignore[arg-type]
+
+
+def _float(env: Mapping[str, str], key: str, default: float) -> float:
+    value = env.get(key)
+    if not value:
+        return default
+    try:
+        parsed = float(value)
+    except ValueError as exc:
+        raise ValueError(f"{key}={value!r} is not a number") from exc
+    if parsed <= 0:
+        raise ValueError(f"{key}={value!r} must be positive")
+    return parsed
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    value = env.get(key)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"{key}={value!r} is not a whole number") from exc

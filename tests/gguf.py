@@ -1,0 +1,54 @@
+"""Synthetic GGUF files for tests: a real GGUF v3 header followed by deterministic filler.
+
+Not loadable by llama.cpp (no tensors, no metadata), but looks like GGUF to anything sniffing magic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import struct
+from collections.abc import Iterator
+
+GGUF_MAGIC = b"GGUF"
+HEADER_SIZE = 24  # magic (4) + version (uint32) + tensor_count (uint64) + kv_count (uint64)
+_CHUNK = 8 * 1024 * 1024
+
+
+def _header() -> bytes:
+    return GGUF_MAGIC + struct.pack("<IQQ", 3, 0, 0)
+
+
+def _filler(seed: int, n: int) -> Iterator[bytes]:
+    # randbytes(a) + randbytes(b) == randbytes(a + b) when a is a multiple of 4, so chunking keeps
+    # make_gguf and write_gguf byte-identical (and avoids randbytes' 256 MiB limit).
+    rng = random.Random(seed)
+    while n > 0:
+        chunk = rng.randbytes(min(_CHUNK, n))
+        n -= len(chunk)
+        yield chunk
+
+
+def make_gguf(size: int, seed: int = 0) -> bytes:
+    """Return exactly `size` bytes: a GGUF v3 header then `random.Random(seed)` filler."""
+    if size < HEADER_SIZE:
+        raise ValueError(f"a GGUF needs at least {HEADER_SIZE} bytes, got {size}")
+    return b"".join([_header(), *_filler(seed, size - HEADER_SIZE)])
+
+
+def write_gguf(path: str | os.PathLike[str], size: int, seed: int = 0) -> str:
+    """Write `make_gguf(size, seed)` to `path` without holding it all in memory; return sha256."""
+    if size < HEADER_SIZE:
+        raise ValueError(f"a GGUF needs at least {HEADER_SIZE} bytes, got {size}")
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (_header(), *_filler(seed, size - HEADER_SIZE)):
+            f.write(chunk)
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
