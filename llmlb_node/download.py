@@ -93,6 +93,9 @@ class Downloader:
             else:
                 size, digest = _HttpTransfer(self, remote, partial, file, progress).run()
             self._verify(remote, partial, file, size, digest)
+        except InsufficientDiskSpaceError:
+            partial.discard()
+            raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 partial.discard()
@@ -106,6 +109,10 @@ class Downloader:
         except _SourceChanged as exc:
             partial.discard()
             raise fail(remote.source, "http", f"the file changed during download: {exc}") from exc
+        except (SourceError, DownloadStalledError):
+            if not any(s[2] > s[0] for s in partial.meta.get("segments", [])):
+                partial.discard()  # nothing worth resuming
+            raise
         return Fetched(str(partial.path), size, digest, remote.source)
 
     # -- verification ---------------------------------------------------------------------
@@ -228,16 +235,7 @@ class _HttpTransfer:
             os.close(self.fd)
 
     def _resumable(self, meta: dict) -> bool:
-        """Resume only against the same bytes: equal validators (ETag / sha256), or the same
-        source when this one announces none yet (its answer's ETag is checked again)."""
-        if self.total is not None and meta.get("size") not in (None, self.total):
-            return False
-        known = meta.get("validator")
-        if self.validator and known:
-            if known != self.validator:
-                log.info("%s changed since the partial download; starting again", self.file)
-            return known == self.validator
-        return meta.get("source") == self.remote.source
+        return can_resume(meta, self.remote, self.file)
 
     def _restart(self) -> None:
         self.cancel.clear()
@@ -598,6 +596,23 @@ class _PrefixHasher:
                 self.pos += len(block)
             if final is not None:
                 return
+
+
+def can_resume(meta: dict, remote: Remote, file: ModelFile) -> bool:
+    """Whether a partial file (described by its sidecar `meta`) may be continued from `remote`.
+
+    Only against the same bytes: equal validators (ETag / sha256), the same source (its answer's
+    ETag is checked again), or a sha256 known up front that the finished file must match.
+    """
+    if not meta.get("segments"):
+        return False
+    size = remote.size if remote.size is not None else file.size_bytes
+    if size is not None and meta.get("size") not in (None, size):
+        return False
+    known = meta.get("validator")
+    if remote.validator and known:
+        return bool(known == remote.validator)
+    return meta.get("source") == remote.source or bool(remote.sha256 or file.sha256)
 
 
 def _is_gguf_name(filename: str) -> bool:

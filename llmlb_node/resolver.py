@@ -310,6 +310,8 @@ class ModelResolver:
         if needed > free:
             raise InsufficientDiskSpaceError(store.model_dir(entry.id), needed, free)
 
+        from .download import can_resume
+
         downloader = self._get_downloader()
         ready: dict[str, Fetched] = {}
         failures: list[SourceFailure] = []
@@ -324,7 +326,12 @@ class ModelResolver:
                     rest = sum((g.expected_size or 0) for g in todo[i + 1 :])
                     size = remote.size if remote.size is not None else f.expected_size
                     monitor.file_started(f.filename, remote.source, size, rest)
-                    partial = store.claim_partial(entry.id, f.filename, stale_after)
+                    partial = store.claim_partial(
+                        entry.id,
+                        f.filename,
+                        stale_after,
+                        accept=lambda meta, r=remote, f=f: can_resume(meta, r, f),
+                    )
                     ready[f.filename] = downloader.fetch(remote, partial, f, monitor.bytes)
                     monitor.file_done(ready[f.filename].size)
             except SourceError as exc:

@@ -202,11 +202,19 @@ class ModelStore:
         path.touch()
         return Partial(path, meta_path, {"filename": filename})
 
-    def claim_partial(self, model_id: str, filename: str, stale_after: float) -> Partial:
-        """Take over the most advanced interrupted partial of `filename`, or start a new one.
+    def claim_partial(
+        self,
+        model_id: str,
+        filename: str,
+        stale_after: float,
+        accept: Callable[[dict[str, Any]], bool] = lambda meta: True,
+    ) -> Partial:
+        """Take over the most advanced interrupted partial of `filename` that `accept`s, or
+        start a new one.
 
         Claiming is an atomic rename, so two processes can never write into the same partial
-        even where file locks silently do nothing.
+        even where file locks silently do nothing. Partials not accepted are left alone (another
+        source may resume them); `publish` clears them once the file is installed.
         """
         final = self.file_path(model_id, filename)
         pdir = self._partials_dir(model_id)
@@ -215,7 +223,7 @@ class ModelStore:
             for path in final.parent.glob(f".{final.name}.*.partial"):
                 meta_path = pdir / f"{_flat(filename)}.{path.name}.json"
                 meta = _read_json(meta_path) or {}
-                if _owned_by_live_writer(meta, stale_after):
+                if _owned_by_live_writer(meta, stale_after) or not accept(meta):
                     continue
                 done = sum(int(s[2]) - int(s[0]) for s in meta.get("segments", []))
                 candidates.append((done, path, meta_path, meta))
@@ -229,11 +237,6 @@ class ModelStore:
             with contextlib.suppress(FileNotFoundError):
                 meta_path.unlink()
             fresh.meta = {**meta, "filename": filename}
-            for _, other, other_meta, _ in candidates:  # older leftovers are useless now
-                if other != path:
-                    with contextlib.suppress(OSError):
-                        other.unlink()
-                        other_meta.unlink()
             return fresh
         return fresh
 
@@ -288,9 +291,20 @@ class ModelStore:
             final = self.file_path(model_id, filename)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
-            sidecar = self._partials_dir(model_id) / f"{_flat(filename)}.{Path(tmp).name}.json"
-            sidecar.unlink(missing_ok=True)
+            self._clear_partials(model_id, filename)
         return record
+
+    def _clear_partials(self, model_id: str, filename: str) -> None:
+        """Remove leftover partials of an installed file: they can never be needed again."""
+        final = self.file_path(model_id, filename)
+        pdir = self._partials_dir(model_id)
+        for path in final.parent.glob(f".{final.name}.*.partial"):
+            meta = _read_json(pdir / f"{_flat(filename)}.{path.name}.json") or {}
+            if not _owned_by_live_writer(meta, stale_after=float("inf")):
+                path.unlink(missing_ok=True)
+        for sidecar in pdir.glob(f"{_flat(filename)}.*.json") if pdir.is_dir() else ():
+            if not (final.parent / sidecar.name[len(_flat(filename)) + 1 : -5]).exists():
+                sidecar.unlink(missing_ok=True)
 
     def _write_record(self, record: InstallRecord) -> None:
         path = self.record_path(record.model_id)
