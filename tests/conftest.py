@@ -82,3 +82,6 @@ def llmlb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LlmlbEnv:
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(env.hf_home / "stored_tokens"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     return env
+
+
+from world import world  # noqa: E402, F401  (the `world` fixture, for every test module)

@@ -381,6 +381,13 @@ class LoopbackServer:
             "status", n, status=status, headers=dict(headers or {}), methods=tuple(methods)
         )
 
+    def delay(self, seconds: float, n: int = 1, methods: Iterable[str] = _ALL) -> None:
+        """The next `n` requests wait `seconds` before any response byte (then answer normally).
+
+        For read timeouts on header-only exchanges (HEAD, 302); close() cuts the wait short.
+        """
+        self._set_fault("delay", n, seconds=seconds, methods=tuple(methods))
+
     def serve_html(self, n: int | None = None, methods: Iterable[str] = _ALL) -> None:
         """Answer 200 text/html with an error page instead of the file (captive portal style)."""
         self._set_fault("html", n, methods=tuple(methods))
@@ -467,6 +474,9 @@ class LoopbackServer:
             raise _Aborted from None
 
     def _injected_response(self, h: _Handler, rec: RecordedRequest) -> bool:
+        fault = self._take("delay", rec.method)
+        if fault is not None and self._closing.wait(fault["seconds"]):
+            raise _Aborted
         fault = self._take("status", rec.method)
         if fault is not None:
             body = {"error": f"injected HTTP {fault['status']}"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from gguf import make_gguf, sha256_hex
-from world import FILENAME, MODEL_ID, REPO, World, world  # noqa: F401
+from world import FILENAME, MODEL_ID, REPO, World
 
 from llmlb_node import DownloadStalledError, InsufficientDiskSpaceError, ModelDownloadError
 from llmlb_node.catalog import ModelFile

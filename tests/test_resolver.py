@@ -8,7 +8,7 @@ import time
 
 import pytest
 from gguf import make_gguf, sha256_hex
-from world import FILENAME, MODEL_ID, REPO, World, world  # noqa: F401
+from world import FILENAME, MODEL_ID, REPO, World
 
 from llmlb_node import (
     InsufficientDiskSpaceError,
@@ -53,7 +53,7 @@ def test_local_hit_makes_zero_requests(world: World) -> None:
 def test_unknown_id_fails_at_once_with_suggestions(world: World) -> None:
     world.add_model("tiny-chat", {"chat.gguf": make_gguf(1000)})
     resolver = world.resolver()
-    resolver.catalog  # loaded once; the lookup itself is what must be fast
+    assert len(resolver.catalog) == 2  # loaded once; the lookup itself is what must be fast
 
     start = time.perf_counter()
     with pytest.raises(UnsupportedModelError) as info:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import httpx2
 import huggingface_hub
 import pytest
 from gguf import HEADER_SIZE, make_gguf, sha256_hex, write_gguf
@@ -322,6 +323,10 @@ def test_hf_errors_map_to_huggingface_hub_exceptions(hub: HubServer) -> None:
         meta(REPO, token="hf_revoked")
     assert e.value.response.status_code == 401
     assert not isinstance(e.value, hf_errors.RepositoryNotFoundError)
+
+    hub.delay(0.6)
+    with pytest.raises(httpx2.ReadTimeout):  # huggingface_hub 2.x raises httpx2's errors
+        huggingface_hub.get_hf_file_metadata(hub.file_url(REPO, FILE), token=TOKEN, timeout=0.3)
 
     hub.fail_5xx(1, status=503, retry_after=1)
     with pytest.raises(hf_errors.HfHubHTTPError) as e:
