@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 CHUNK = 1 << 20  # body writes from memory (and corrupted file reads) go out in 1 MiB pieces
@@ -36,6 +36,7 @@ _HEX40 = re.compile(r"[0-9a-f]{40}")
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
 _UNSATISFIABLE = "unsatisfiable"
 _ALL = ("GET", "HEAD")
+_S = TypeVar("_S", bound="LoopbackServer")
 
 
 # --------------------------------------------------------------------------- content
@@ -267,7 +268,7 @@ class LoopbackServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> LoopbackServer:
+    def __enter__(self: _S) -> _S:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -344,3 +344,11 @@ def test_tampered_file_is_not_served_from_cache(world: World) -> None:
     path.write_bytes(b"GGUF" + b"\0" * (len(world.content) - 4))  # same size, new mtime
     fresh = resolver.resolve(MODEL_ID)
     assert sha256_hex(fresh.path.read_bytes()) == world.sha256
+
+
+def test_hub_endpoint_answering_html_is_not_the_hub(world: World) -> None:
+    world.hub.serve_html(methods=("HEAD",))
+
+    resolved = world.resolver().resolve(MODEL_ID)
+
+    assert resolved.source == "llmlb-proxy"

@@ -44,6 +44,16 @@ class HuggingFaceSource(Source):
         check_origin(self.label, url, settings.origin_allowlist)
         token = self._token()
         meta = self._metadata(get_hf_file_metadata, url, token)
+        if not meta.commit_hash and not meta.etag:
+            # huggingface_hub returns empty metadata for a 200 HTML page (a portal, a proxy's
+            # error page) instead of raising: that is not the Hub.
+            raise fail(
+                self.label,
+                "http",
+                f"{settings.hf_endpoint} did not answer like the Hub (no X-Repo-Commit or ETag); "
+                "check HF_ENDPOINT",
+                url,
+            )
 
         location = meta.location or url
         same_host = host_of(location) == host_of(settings.hf_endpoint)

@@ -1,0 +1,258 @@
+"""One download per model, whatever the crowd: threads, processes, hung holders, broken locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from gguf import make_gguf, sha256_hex
+from world import MODEL_ID, World
+
+from llmlb_node import ModelDownloadError, ProgressEvent
+
+MIB = 1024 * 1024
+
+# A child process that resolves one id from N threads and prints what each thread got.
+_CHILD = textwrap.dedent(
+    """
+    import json, sys, threading
+    from llmlb_node import ModelResolver, Settings
+    model_id, threads = sys.argv[1], int(sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[3] == "nolock":
+        # A filesystem where locks silently succeed for everyone (some NFS, Lustre).
+        import filelock
+        filelock.FileLock.acquire = lambda self, *a, **k: self
+        filelock.FileLock.release = lambda self, *a, **k: None
+    resolver = ModelResolver(Settings.from_env(retry_backoff=0.01))
+    results = []
+    def work():
+        try:
+            results.append(str(resolver.resolve(model_id).path))
+        except Exception as exc:
+            results.append("error: " + repr(exc))
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    print(json.dumps(results))
+    """
+)
+
+
+def _spawn(world: World, model_id: str, threads: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, model_id, str(threads), *extra],
+        env={**os.environ, **world.env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _results(proc: subprocess.Popen) -> list[str]:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return json.loads(out)
+
+
+def test_threads_share_one_download_and_one_result(world: World) -> None:
+    world.hub.cdn.rate_limit(2 * MIB)  # slow enough that every thread arrives mid-download
+    resolver = world.resolver()
+    results: list[object] = []
+
+    def work() -> None:
+        results.append(resolver.resolve(MODEL_ID))
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert len(results) == 16
+    assert len({id(r) for r in results if r.source != "local"}) <= 1  # the same object
+    assert {str(r.path) for r in results} == {str(world.installed_path())}
+    assert len([r for r in world.hub.cdn.requests if r.method == "GET"]) == 1
+
+
+def test_threads_waiting_receive_the_same_exception(world: World) -> None:
+    world.hub.refuse()
+    world.proxy.fail_5xx(1000, status=503)
+    resolver = world.resolver(max_retries=3, retry_backoff=0.1)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def work() -> None:
+        barrier.wait()
+        try:
+            resolver.resolve(MODEL_ID)
+        except ModelDownloadError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert len(errors) == 8
+    assert len({id(e) for e in errors}) < 8  # waiters got the owner's exception object
+    assert len([r for r in world.proxy.requests if r.method == "GET"]) < 8 * 3
+
+
+def test_waiting_threads_receive_progress_events(world: World) -> None:
+    world.hub.cdn.rate_limit(1 * MIB)
+    resolver = world.resolver()
+    seen: dict[str, list[ProgressEvent]] = {"owner": [], "waiter": []}
+    owner = threading.Thread(
+        target=lambda: resolver.resolve(MODEL_ID, progress=seen["owner"].append)
+    )
+    owner.start()
+    while not seen["owner"] or seen["owner"][-1].stage != "downloading":
+        time.sleep(0.005)
+    resolver.resolve(MODEL_ID, progress=seen["waiter"].append)
+    owner.join()
+
+    stages = [e.stage for e in seen["waiter"]]
+    assert "downloading" in stages and stages[-1] == "installed"
+    assert seen["waiter"][-1].downloaded == len(world.content)
+
+
+def test_different_models_download_concurrently_up_to_the_limit(world: World, monkeypatch) -> None:  # noqa: ANN001
+    import llmlb_node.resolver as resolver_module
+
+    monkeypatch.setattr(resolver_module, "_SLOTS", None)  # a fresh per-process limit of 2
+    for name in ("m1", "m2", "m3"):
+        world.add_model(name, {f"{name}.gguf": make_gguf(400_000, seed=len(name))})
+    world.hub.cdn.rate_limit(1 * MIB)
+    resolver = world.resolver(max_concurrent_downloads=2)
+    events: dict[str, list[str]] = {n: [] for n in ("m1", "m2", "m3")}
+    threads = [
+        threading.Thread(
+            target=lambda n=n: resolver.resolve(
+                n, progress=lambda e, n=n: events[n].append(e.stage)
+            )
+        )
+        for n in events
+    ]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+
+    queued = [n for n, stages in events.items() if "waiting" in stages]
+    assert queued == ["m3"]  # two ran at once, the third waited for a slot
+    assert all(stages[-1] == "installed" for stages in events.values())
+    monkeypatch.setattr(resolver_module, "_SLOTS", None)
+
+
+def test_four_processes_times_eight_threads_download_once(world: World) -> None:
+    size = 4 * MIB
+    content = make_gguf(size, seed=11)
+    world.add_model("crowd", {"crowd.gguf": content})
+    world.hub.cdn.rate_limit(8 * MIB)
+
+    procs = [_spawn(world, "crowd", 8) for _ in range(4)]
+    results = [path for p in procs for path in _results(p)]
+
+    assert len(results) == 32 and len(set(results)) == 1
+    assert not results[0].startswith("error")
+    assert sha256_hex(Path(results[0]).read_bytes()) == sha256_hex(content)
+    assert world.hub.cdn.bytes_sent <= size * 1.1
+
+
+def test_waiting_process_reports_the_holders_progress(world: World) -> None:
+    size = 4 * MIB
+    world.add_model("shared", {"shared.gguf": make_gguf(size, seed=12)})
+    world.hub.cdn.rate_limit(4 * MIB)
+    holder = _spawn(world, "shared", 1)
+    status_path = world.models_dir / ".llmlb" / "shared" / "status.json"
+    deadline = time.monotonic() + 30
+    while not status_path.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    events: list[ProgressEvent] = []
+    resolver = world.resolver()
+    status = resolver.status("shared")
+    resolved = resolver.resolve("shared", progress=events.append)
+    _results(holder)
+
+    assert status.status in ("downloading", "waiting") and status.pid == holder.pid
+    relayed = [e for e in events if e.stage == "downloading"]
+    assert relayed and max(e.downloaded for e in relayed) > 0
+    assert events[-1].stage == "installed"
+    assert resolved.path.stat().st_size == size
+    assert world.hub.cdn.bytes_sent <= size * 1.1
+
+
+def test_a_hung_lock_holder_is_taken_over(world: World) -> None:
+    # A process holds the model's lock and then hangs (SIGSTOP): its status stops moving.
+    world.hub.cdn.rate_limit(256 * 1024)
+    holder = _spawn(world, MODEL_ID, 1)
+    status_path = world.models_dir / ".llmlb" / MODEL_ID / "status.json"
+    deadline = time.monotonic() + 30
+    while not (status_path.exists() and json.loads(status_path.read_text())["downloaded"] > 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(holder.pid, 19)  # SIGSTOP
+    try:
+        world.hub.cdn.rate_limit(None)
+        start = time.monotonic()
+        resolved = world.resolver(stall_timeout=0.3, max_stalls=2).resolve(MODEL_ID)
+        took = time.monotonic() - start
+    finally:
+        os.kill(holder.pid, 9)
+        holder.wait()
+
+    assert sha256_hex(resolved.path.read_bytes()) == world.sha256
+    assert took < 10
+
+
+def test_without_working_locks_no_torn_or_doubled_file(world: World) -> None:
+    size = 2 * MIB
+    content = make_gguf(size, seed=13)
+    world.add_model("nolock", {"nolock.gguf": content})
+    world.hub.cdn.rate_limit(4 * MIB)
+
+    procs = [_spawn(world, "nolock", 2, "nolock") for _ in range(3)]
+    results = [path for p in procs for path in _results(p)]
+
+    assert len(set(results)) == 1 and not results[0].startswith("error")
+    final = Path(results[0])
+    assert final.stat().st_size == size
+    assert sha256_hex(final.read_bytes()) == sha256_hex(content)
+    leftovers = [p.name for p in final.parent.iterdir() if p.name != final.name]
+    assert leftovers == []
+
+
+def test_status_reports_every_state(world: World) -> None:
+    world.add_model("broken", {"broken.gguf": make_gguf(1000)}, on_hub=False, on_proxy=False)
+    resolver = world.resolver()
+    assert resolver.status(MODEL_ID).status == "missing"
+
+    resolver.resolve(MODEL_ID)
+    done = resolver.status(MODEL_ID)
+    assert done.status == "completed" and done.progress == 1.0
+    assert done.local_path == str(world.installed_path())
+
+    manual = world.models_dir / "by-hand" / "model.gguf"
+    manual.parent.mkdir(parents=True)
+    manual.write_bytes(make_gguf(1000))
+    assert resolver.status("by-hand").status == "local"
+
+    with pytest.raises(ModelDownloadError):
+        resolver.resolve("broken")
+    failed = resolver.status("broken")
+    assert failed.status == "error" and "broken" in failed.error_message
+
+    listed = {s.model_id: s.status for s in resolver.status()}
+    assert listed[MODEL_ID] == "completed" and listed["by-hand"] == "local"
+    assert listed["broken"] == "error"
