@@ -333,3 +333,48 @@ def _fake_distribution(site: Path, name: str, files: list[str]) -> None:
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
     (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+
+
+_RSS_CHILD = """
+import json, resource, sys
+from llmlb_node import ModelResolver, Settings
+resolver = ModelResolver(Settings.from_env(download_connections=int(sys.argv[2])))
+resolver.catalog
+import httpx, huggingface_hub.file_download  # imported before the baseline: not download cost
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+resolver.resolve(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"before_kib": before, "after_kib": after}))
+"""
+
+
+@pytest.mark.parametrize("connections", [1, 4])
+def test_peak_memory_does_not_grow_with_the_file(
+    world: World, tmp_path: Path, connections: int
+) -> None:
+    from gguf import write_gguf
+
+    path = tmp_path / "big.gguf"
+    digest = write_gguf(path, 160 * MIB, seed=21)
+    world.add_model(
+        "big",
+        {"big.gguf": b"GGUF"},
+        on_hub=False,
+        on_proxy=False,
+        sha256=digest,
+        size_bytes=160 * MIB,
+    )
+    world.hub.add_file("test-org/big-GGUF", "big.gguf", str(path))
+
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, "big", str(connections)],
+        env={**os.environ, **world.env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    rss = json.loads(done.stdout)
+    growth_mib = (rss["after_kib"] - rss["before_kib"]) / 1024
+    assert growth_mib <= 64, growth_mib
