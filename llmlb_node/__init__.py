@@ -21,6 +21,7 @@ from .errors import (  # noqa: E402
     SourceFailure,
     UnsupportedModelError,
 )
+from .lazy import LazyLlama  # noqa: E402
 from .progress import ProgressEvent  # noqa: E402
 from .resolver import ModelResolver, ModelStatus, ResolvedModel  # noqa: E402
 from .settings import Settings  # noqa: E402
@@ -32,6 +33,7 @@ __all__ = [
     "InsufficientDiskSpaceError",
     "IntegrityError",
     "InvalidModelIdError",
+    "LazyLlama",
     "LlmlbError",
     "ModelDownloadError",
     "ModelEntry",

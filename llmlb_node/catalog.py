@@ -162,6 +162,10 @@ def load_catalog(path: str | os.PathLike[str] | None = None) -> Catalog:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise CatalogError(f"cannot read catalog {p}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CatalogError(
+            f"catalog {p} is not valid UTF-8: byte {exc.start} ({exc.reason})"
+        ) from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -303,7 +307,11 @@ def _parse_sources(
             if isinstance(options.get("url"), str):
                 if len(files) != 1:
                     raise err(f"{label}.url", "a multi-file model needs 'urls': {filename: url}")
-            elif not isinstance(urls, dict) or set(urls) != filenames:
+            elif (
+                not isinstance(urls, dict)
+                or set(urls) != filenames
+                or not all(isinstance(u, str) and u for u in urls.values())
+            ):
                 raise err(f"{label}.urls", "must map every filename of the model to a URL")
         elif kind == "python-package":
             parts = options.get("files")

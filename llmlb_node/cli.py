@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_ERROR)
     except ValueError as exc:  # bad settings in the environment, bad -o values
         return _fail(exc, EXIT_USAGE)
+    except OSError as exc:  # an unwritable or misplaced store: say so, no traceback
+        return _fail(exc, EXIT_ERROR)
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
@@ -172,6 +174,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     resolver = ModelResolver()
     result = resolver.status(args.model_id)
     statuses = result if isinstance(result, list) else [result]
+    if (
+        args.model_id is not None
+        and statuses[0].status == "missing"
+        and args.model_id not in resolver.catalog
+    ):
+        resolver.catalog.get(args.model_id)  # a typo: UnsupportedModelError with suggestions
     if args.json:
         data: Any = [s.to_dict() for s in statuses]
         print(json.dumps(data if args.model_id is None else data[0], indent=2))

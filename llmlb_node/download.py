@@ -249,8 +249,11 @@ class _HttpTransfer:
 
     def _transfer(self) -> None:
         if not self.segments:
-            self.segments = [[0, self.total if self.total is not None else -1, 0]]
-            self.may_split = self.remote_ranges
+            if self.total is not None and self.remote_ranges:
+                self.segments = self._layout(self.total)
+            else:  # size unknown: the first answer tells it, then the file may be split
+                self.segments = [[0, self.total if self.total is not None else -1, 0]]
+                self.may_split = self.remote_ranges
         self._preallocate()
         self.hasher = _PrefixHasher(self.fd)
         self.hasher.start()
@@ -301,17 +304,21 @@ class _HttpTransfer:
             return
         if self.total is None:
             self.total = total
-        seg[1] = self.total
-        n = self.s.download_connections
-        if n > 1 and self.total >= self.s.parallel_threshold:
-            step = -(-self.total // n)
-            seg[1] = step
-            for start in range(step, self.total, step):
-                self.segments.append([start, min(start + step, self.total), start])
+        layout = self._layout(self.total)
+        seg[1] = layout[0][1]
+        self.segments.extend(layout[1:])
         self._preallocate()
         self._note_progress(force=True)
         for extra in self.segments[1:]:
             self._spawn(extra)
+
+    def _layout(self, total: int) -> list[list[int]]:
+        """[start, end, done] ranges: one, or one per connection for a large file."""
+        n = self.s.download_connections
+        if n <= 1 or total < self.s.parallel_threshold:
+            return [[0, total, 0]]
+        step = -(-total // n)
+        return [[start, min(start + step, total), start] for start in range(0, total, step)]
 
     def _preallocate(self) -> None:
         if self.total is None or self.preallocated:

@@ -630,8 +630,8 @@ class LazyLlama:
                     llama = factory(model_path=str(resolved.path), **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(
-                f"llama.cpp could not load {resolved.path} (model {self._model_id!r}) with "
-                f"offload plan {plan}: {exc}"
+                f"llama.cpp could not load model {self._model_id!r} from {resolved.path}: "
+                f"{exc} (offload plan: {plan})"
             ) from exc
         log.info(
             "%s: loaded in %.2fs (%s)",

@@ -21,6 +21,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 STAGES = ("resolving", "waiting", "downloading", "verifying", "installed", "failed")
+FINAL_STAGES = ("installed", "failed")
 MAX_EVENTS_PER_S = 10
 STALL_AFTER_S = 2.0  # no byte for this long: the event says stalled, at 0 B/s
 
@@ -66,6 +67,7 @@ class Monitor:
         self._base = 0  # bytes of files finished before the current one
         self._rest = 0  # expected bytes of the files after the current one
         self._logged_decile = -1
+        self._sent_decile = -1
         self._status_written = 0.0
         self._ticker: threading.Thread | None = None
         self._closed = threading.Event()
@@ -154,8 +156,13 @@ class Monitor:
         with self._lock:
             subs = list(self._subscribers)
         final = event.stage in ("installed", "failed")
+        # Every 10% step reaches every subscriber (llmlb's granularity), throttling or not.
+        decile = int((event.fraction or 0) * 10) if event.stage == "downloading" else -1
+        step = decile > self._sent_decile
+        if step:
+            self._sent_decile = decile
         for sub in subs:
-            sub.send(event, force=force or final)
+            sub.send(event, force=force or final or step)
         self._log_decile(event)
         if write_status and self.status_path is not None:
             now = time.monotonic()
@@ -186,11 +193,14 @@ class Monitor:
 
         def tick() -> None:
             while not self._closed.wait(0.5):
-                if self._event.stage != "downloading":
-                    continue
-                if time.monotonic() - self._last_byte_at >= STALL_AFTER_S:
-                    with self._lock:
+                with self._lock:  # check and mark together: the stage may change meanwhile
+                    stalled = (
+                        self._event.stage == "downloading"
+                        and time.monotonic() - self._last_byte_at >= STALL_AFTER_S
+                    )
+                    if stalled:
                         self._event = replace(self._event, bytes_per_s=0.0, stalled=True)
+                if stalled:
                     self._publish(force=False)
 
         self._ticker = threading.Thread(target=tick, name="llmlb-progress", daemon=True)
@@ -209,6 +219,10 @@ class _Throttled:
     def send(self, event: ProgressEvent, force: bool = False) -> None:
         now = time.monotonic()
         with self.lock:
+            if self.last_stage in FINAL_STAGES:
+                # The final event was delivered: a late event from another thread (the stall
+                # ticker, a downloader) must not follow it and undo "installed" or "failed".
+                return
             due = (
                 force
                 or event.stage != self.last_stage

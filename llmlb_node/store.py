@@ -12,6 +12,7 @@ Layout (ids never start with '.', so bookkeeping cannot collide with a model)::
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .catalog import ModelEntry, check_id
+from .catalog import ModelEntry, check_id, is_valid_id
 from .errors import CatalogError
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ class ModelStore:
         pdir = self._partials_dir(model_id)
         candidates: list[tuple[int, Path, Path, dict[str, Any]]] = []
         if final.parent.is_dir():
-            for path in final.parent.glob(f".{final.name}.*.partial"):
+            for path in final.parent.glob(_partial_glob(final.name)):
                 meta_path = pdir / f"{_flat(filename)}.{path.name}.json"
                 meta = _read_json(meta_path) or {}
                 if _owned_by_live_writer(meta, stale_after) or not accept(meta):
@@ -244,7 +245,7 @@ class ModelStore:
         """Bytes already downloaded into resumable partials of `filename` (for the disk check)."""
         pdir = self._partials_dir(model_id)
         best = 0
-        for meta_path in pdir.glob(f"{_flat(filename)}.*.json") if pdir.is_dir() else ():
+        for meta_path in pdir.glob(_sidecar_glob(filename)) if pdir.is_dir() else ():
             meta = _read_json(meta_path) or {}
             best = max(best, sum(int(s[2]) - int(s[0]) for s in meta.get("segments", [])))
         return best
@@ -298,11 +299,11 @@ class ModelStore:
         """Remove leftover partials of an installed file: they can never be needed again."""
         final = self.file_path(model_id, filename)
         pdir = self._partials_dir(model_id)
-        for path in final.parent.glob(f".{final.name}.*.partial"):
+        for path in final.parent.glob(_partial_glob(final.name)):
             meta = _read_json(pdir / f"{_flat(filename)}.{path.name}.json") or {}
             if not _owned_by_live_writer(meta, stale_after=float("inf")):
                 path.unlink(missing_ok=True)
-        for sidecar in pdir.glob(f"{_flat(filename)}.*.json") if pdir.is_dir() else ():
+        for sidecar in pdir.glob(_sidecar_glob(filename)) if pdir.is_dir() else ():
             if not (final.parent / sidecar.name[len(_flat(filename)) + 1 : -5]).exists():
                 sidecar.unlink(missing_ok=True)
 
@@ -318,7 +319,8 @@ class ModelStore:
         for base in (self.root, meta_root):
             if base.is_dir():
                 ids.update(p.name for p in base.iterdir() if not p.name.startswith("."))
-        return sorted(i for i in ids if self.lookup(i) or self.adopt_manual(i))
+        # A directory whose name is not a valid id (e.g. "My Model") is not a model of ours.
+        return sorted(i for i in ids if is_valid_id(i) and (self.lookup(i) or self.adopt_manual(i)))
 
     def remove(self, model_id: str) -> bool:
         """Delete the model's files, record and partials. True if anything was there."""
@@ -380,6 +382,15 @@ def pid_alive(pid: int) -> bool:
 
 def _flat(filename: str) -> str:
     return filename.replace("/", "__")
+
+
+def _partial_glob(name: str) -> str:
+    """Glob for the partials of the file `name` (escaped: names may hold '[', '*' or '?')."""
+    return f".{glob.escape(name)}.*.partial"
+
+
+def _sidecar_glob(filename: str) -> str:
+    return f"{glob.escape(_flat(filename))}.*.json"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
