@@ -245,9 +245,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_backend_install(args: argparse.Namespace) -> int:
-    from .backend import install_backend
+    from .backend import get_preset, install_backend, shell_command
 
-    return install_backend(args.preset, dry_run=args.dry_run)
+    get_preset(args.preset)  # an unknown preset is a usage error, listing the known ones
+    if args.dry_run:
+        print(shell_command(args.preset))
+        return EXIT_OK
+    return install_backend(args.preset)
 
 
 def cmd_backend_presets(args: argparse.Namespace) -> int:
