@@ -224,9 +224,6 @@ class _ModelLock:
     def attach(self) -> None:
         self._owner = threading.get_ident()
 
-    def locked(self) -> bool:
-        return self._lock.locked()
-
     def __enter__(self) -> _ModelLock:
         self.acquire()
         return self
@@ -236,19 +233,28 @@ class _ModelLock:
 
 
 _NEW, _OPEN, _DONE = 0, 1, 2
+_PLAIN = frozenset({dict, list, tuple, str, bytes, int, float, bool, type(None)})
 
 
 class _LockedStream(collections.abc.Generator):  # type: ignore[type-arg]
     """A streamed result that holds the model lock from its first item until it ends or closes.
 
     Forwards ``send``/``throw``/``close`` (``Llama.generate`` uses ``send``). The lock is taken
-    lazily, at the first item, so a stream that is never iterated never holds it.
+    lazily, at the first item, so creating a stream never blocks (an event loop may create one
+    while another stream is open) and a stream that is never iterated never holds the lock.
+    With `start`, the call that makes the inner iterator is itself deferred to the first item.
     """
 
-    __slots__ = ("_it", "_lock", "_state", "_outer", "_busy", "__weakref__")
+    __slots__ = ("_it", "_start", "_lock", "_state", "_outer", "_busy", "__weakref__")
 
-    def __init__(self, it: Iterator[Any], lock: _ModelLock) -> None:
+    def __init__(
+        self,
+        lock: _ModelLock,
+        it: Iterator[Any] | None = None,
+        start: Callable[[], Any] | None = None,
+    ) -> None:
         self._it = it
+        self._start = start
         self._lock = lock
         self._state = _NEW
         self._outer = False
@@ -282,6 +288,15 @@ class _LockedStream(collections.abc.Generator):  # type: ignore[type-arg]
                     raise exc
                 self._outer = self._lock.acquire()
                 self._state = _OPEN
+                if self._start is not None:
+                    try:
+                        self._it = _as_iterator(self._start())
+                    except BaseException:
+                        self._state = _DONE
+                        self._lock.release()
+                        raise
+                    finally:
+                        self._start = None
             elif self._outer:
                 self._lock.attach()
             try:
@@ -292,7 +307,7 @@ class _LockedStream(collections.abc.Generator):  # type: ignore[type-arg]
                 elif value is None:
                     item = next(self._it)
                 else:
-                    item = self._it.send(value)  # type: ignore[attr-defined]
+                    item = self._it.send(value)  # type: ignore[union-attr]
             except BaseException:
                 self._finish()
                 raise
@@ -312,6 +327,7 @@ class _LockedStream(collections.abc.Generator):  # type: ignore[type-arg]
                 self._finish()
             elif self._state == _NEW:
                 self._state = _DONE
+                self._start = None
         finally:
             self._busy.release()
 
@@ -332,6 +348,12 @@ class _LockedStream(collections.abc.Generator):  # type: ignore[type-arg]
             pass
 
 
+def _as_iterator(result: Any) -> Iterator[Any]:
+    if not isinstance(result, Iterator):
+        raise TypeError(f"a stream=True call returned {type(result).__name__}, not an iterator")
+    return result
+
+
 class _Slot:
     """The loaded model: shared with the bound wrappers (which must not reference the LazyLlama,
     so that dropping it frees the model at once instead of at the next cyclic GC)."""
@@ -342,6 +364,17 @@ class _Slot:
         self.lock = _ModelLock()
         self.llama: Any = None
         self.plan: OffloadPlan | None = None
+
+
+def _parameters(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """`fn`'s parameter names, or None when it takes **kwargs (or has no readable signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
 
 
 def _reload_and_call(owner_ref: weakref.ref[LazyLlama], name: str, args: Any, kwargs: Any) -> Any:
@@ -365,9 +398,10 @@ class LazyLlama:
     loads it once, and delegates. Later calls go straight to a bound method cached on the
     instance.
 
-    One llama.cpp context is not thread-safe, so calls on one LazyLlama are serialized; a
-    ``stream=True`` result holds the lock until it is exhausted or closed, so two streams never
-    interleave. Consume or close a stream before calling ``close()`` from the same thread.
+    One llama.cpp context is not thread-safe, so calls on one LazyLlama are serialized. A
+    ``stream=True`` call returns at once; the stream takes the lock at its first item and holds
+    it until it is exhausted or closed, so two streams never interleave (a stream may be pulled
+    from any thread). Consume or close a stream before calling ``close()`` from its thread.
 
     In an asyncio server, load and infer in a worker thread so the event loop keeps running::
 
@@ -409,6 +443,7 @@ class LazyLlama:
         self._bound_names: set[str] = set()
         self._closed = False
         self._init_lock = threading.Lock()
+        self._bind_lock = threading.Lock()
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -455,12 +490,13 @@ class LazyLlama:
         """Free the llama.cpp model (waits for calls in progress); the next use loads again."""
         slot = self._slot
         with slot.lock:
-            llama = slot.llama
-            slot.llama = None
-            slot.plan = None
-            for name in self._bound_names:
-                self.__dict__.pop(name, None)
-            self._bound_names.clear()
+            with self._bind_lock:
+                llama = slot.llama
+                slot.llama = None
+                slot.plan = None
+                for name in self._bound_names:
+                    self.__dict__.pop(name, None)
+                self._bound_names.clear()
             if llama is not None:
                 self._closed = True
                 try:
@@ -571,28 +607,54 @@ class LazyLlama:
         return factory
 
     def _bound(self, name: str) -> Callable[..., Any]:
-        """The locked wrapper of the model's method `name`, loading the model first."""
-        with self._slot.lock:
-            llama = self._load_locked()
-            wrapper = self.__dict__.get(name) if name in self._bound_names else None
-            if wrapper is None:
-                wrapper = self._bind(name, llama)
-        return wrapper
+        """The locked wrapper of the model's method `name`, loading the model first if needed.
+
+        Binding does not take the model lock (it may be held by an open stream for long).
+        """
+        slot = self._slot
+        while True:
+            llama = slot.llama
+            if llama is None:
+                with slot.lock:
+                    llama = self._load_locked()
+            with self._bind_lock:
+                if slot.llama is not llama:  # closed in between: start over
+                    continue
+                wrapper = self.__dict__.get(name) if name in self._bound_names else None
+                return wrapper if wrapper is not None else self._bind(name, llama)
 
     def _bind(self, name: str, llama: Any) -> Callable[..., Any]:
         """Cache in the instance __dict__ a wrapper calling `llama.name` under the model lock.
 
         The wrapper costs one lock round trip and one identity check over the plain call; if
-        the model was closed since, it loads again and calls the new one.
+        the model was closed since, it loads again and calls the new one. Streaming calls
+        (``stream=True``, generator methods) return at once and do all their work, the call
+        itself included, under the lock while being iterated. Caller holds `_bind_lock`.
         """
         fn = getattr(llama, name)
         slot = self._slot
         lock = slot.lock
-        acquire, release = lock.acquire, lock.release
+        release, raw_acquire, get_ident = lock.release, lock._lock.acquire, threading.get_ident
         owner_ref = weakref.ref(self)
+        params = _parameters(fn)
+        generator = inspect.isgeneratorfunction(fn)
+        may_stream = params is None or "stream" in params
+
+        def invoke(args: Any, kwargs: Any) -> Any:  # the caller holds the lock
+            if slot.llama is llama:
+                return fn(*args, **kwargs)
+            return _reload_and_call(owner_ref, name, args, kwargs)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            acquire()
+            if generator or (may_stream and kwargs.get("stream")):
+                return _LockedStream(lock, start=functools.partial(invoke, args, kwargs))
+            me = get_ident()
+            if lock._owner == me:  # re-entered (a callback of a call in progress)
+                lock._depth += 1
+            else:
+                raw_acquire()
+                lock._owner = me
+                lock._depth = 1
             try:
                 if slot.llama is llama:
                     result = fn(*args, **kwargs)
@@ -600,9 +662,9 @@ class LazyLlama:
                     result = _reload_and_call(owner_ref, name, args, kwargs)
             finally:
                 release()
-            if isinstance(result, Iterator):
-                return _LockedStream(result, lock)
-            return result
+            if type(result) in _PLAIN or not isinstance(result, Iterator):
+                return result
+            return _LockedStream(lock, it=result)  # a stream we could not foresee
 
         functools.update_wrapper(call, fn)
         self.__dict__[name] = call
@@ -639,12 +701,13 @@ class LazyLlama:
             time.perf_counter() - started,
             plan.layers_text,
         )
-        slot.plan = plan
-        slot.llama = llama
-        self._closed = False
-        for name in _EAGER_METHODS:
-            if callable(getattr(llama, name, None)):
-                self._bind(name, llama)
+        with self._bind_lock:
+            slot.plan = plan
+            slot.llama = llama
+            self._closed = False
+            for name in _EAGER_METHODS:
+                if callable(getattr(llama, name, None)):
+                    self._bind(name, llama)
         return llama
 
     @staticmethod

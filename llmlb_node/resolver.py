@@ -160,7 +160,9 @@ class ModelResolver:
             return flight.result
         except BaseException as exc:
             flight.error = exc
-            flight.monitor.stage("failed", message=str(exc).splitlines()[0])
+            flight.monitor.stage(
+                "failed", message=(str(exc).splitlines() or [type(exc).__name__])[0]
+            )
             raise
         finally:
             with _FLIGHTS_LOCK:

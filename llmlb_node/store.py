@@ -200,8 +200,12 @@ class ModelStore:
         path = final.parent / name
         meta_path = self._partials_dir(model_id) / f"{_flat(filename)}.{name}.json"
         meta_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = Partial(path, meta_path, {"filename": filename})
+        # The writer's mark (pid, host, time) exists before the file does, so no other process
+        # ever sees this partial unowned and claims it (or clears it) from under us.
+        partial.save()
         path.touch()
-        return Partial(path, meta_path, {"filename": filename})
+        return partial
 
     def claim_partial(
         self,
@@ -238,6 +242,7 @@ class ModelStore:
             with contextlib.suppress(FileNotFoundError):
                 meta_path.unlink()
             fresh.meta = {**meta, "filename": filename}
+            fresh.save()  # the progress travels with the bytes, under our name
             return fresh
         return fresh
 

@@ -1,0 +1,368 @@
+"""The `llmlb-node` command, run as a real subprocess against the loopback Hub and proxy."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+import threading
+from pathlib import Path
+
+import pytest
+from gguf import make_gguf
+from servers import ProxyServer
+from world import FILENAME, MODEL_ID, REPO, SIZE, World
+
+LLMLB_NODE = Path(sys.executable).with_name("llmlb-node")
+STATUS_KEYS = {
+    "model_id",
+    "status",
+    "progress",
+    "downloaded_bytes",
+    "total_bytes",
+    "local_path",
+    "error_message",
+}
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run llmlb-node with the test's environment (the world's servers) plus `env`."""
+    assert LLMLB_NODE.exists(), f"the console script is not installed at {LLMLB_NODE}"
+    done = subprocess.run(
+        [str(LLMLB_NODE), *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Expected failures are reported in a line or two, never as a Python traceback.
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def _installed(world: World) -> Path:
+    path = world.resolver().resolve(MODEL_ID).path
+    world.hub.reset_counters()
+    world.proxy.reset_counters()
+    return path
+
+
+# -- models ----------------------------------------------------------------------------------
+def test_models_lists_ids_names_sizes_and_installed_state(world: World) -> None:
+    world.add_model("other", {"other.gguf": make_gguf(2_500_000, seed=2)})
+
+    before = cli("models")
+    assert before.returncode == 0, before.stderr
+    rows = before.stdout.splitlines()
+    assert rows[0].split() == ["ID", "NAME", "SIZE", "INSTALLED"]
+    assert rows[1].split() == ["tiny", "Tiny", "300.0", "KB", "-"]
+    assert rows[2].split() == ["other", "Other", "2.5", "MB", "-"]
+    assert f"catalog: {world.catalog_path}" in before.stdout
+    assert f"store:   {world.models_dir}" in before.stdout
+
+    path = _installed(world)
+    after = cli("models")
+    assert after.stdout.splitlines()[1].split() == ["tiny", "Tiny", "300.0", "KB", "yes"]
+    assert after.stdout.splitlines()[2].split()[-1] == "-"
+
+    data = json.loads(cli("models", "--json").stdout)
+    assert data == [
+        {"id": "tiny", "name": "Tiny", "size_bytes": SIZE, "installed": True, "path": str(path)},
+        {
+            "id": "other",
+            "name": "Other",
+            "size_bytes": 2_500_000,
+            "installed": False,
+            "path": None,
+        },
+    ]
+    assert world.requests() == 0  # listing never touches the network
+
+
+def test_models_with_a_broken_catalog_says_where(world: World) -> None:
+    world.catalog_path.write_text('[{"id": "tiny", "name": "Tiny"}]')
+    done = cli("models")
+    assert done.returncode == 1
+    assert str(world.catalog_path) in done.stderr and "'repo'" in done.stderr
+
+
+# -- pull ------------------------------------------------------------------------------------
+def test_pull_prints_the_path_and_quiet_progress_lines(world: World) -> None:
+    world.hub.cdn.rate_limit(600_000)  # half a second: progress has time to show
+
+    done = cli("pull", MODEL_ID)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{world.installed_path()}\n"
+    assert world.installed_path().read_bytes() == world.content
+    lines = done.stderr.splitlines()
+    assert lines[0] == "tiny: resolving"
+    assert lines[1] == f"tiny: downloading {FILENAME} from huggingface:{REPO}"
+    assert lines[-2:] == ["tiny: verifying", f"tiny: installed ({world.installed_path()})"]
+    percents = [int(m.group(1)) for m in map(re.compile(r"tiny: (\d+)% \(").match, lines) if m]
+    assert len(percents) >= 4 and percents == sorted(set(percents))
+    assert all(p % 10 == 0 for p in percents)
+    assert len(lines) == 4 + len(percents)  # nothing else: quiet
+    assert "\r" not in done.stderr  # no bar when stderr is not a terminal
+
+
+def test_pull_of_an_installed_model_is_instant_and_offline(world: World) -> None:
+    path = _installed(world)
+    done = cli("pull", MODEL_ID)
+    assert done.returncode == 0 and done.stdout == f"{path}\n"
+    assert world.requests() == 0
+
+
+def test_pull_with_a_terminal_shows_a_tqdm_bar(world: World) -> None:
+    world.hub.cdn.rate_limit(600_000)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    proc = subprocess.Popen(
+        [str(LLMLB_NODE), "pull", MODEL_ID],
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed its end
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        reader.join(10)
+        os.close(master)
+
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, terminal
+    assert out == f"{world.installed_path()}\n"
+    assert "%|" in terminal or "B/s" in terminal
+    assert "tiny" in terminal and "Traceback" not in terminal
+
+
+# -- path ------------------------------------------------------------------------------------
+def test_path_before_and_after_install_makes_no_request(world: World) -> None:
+    before = cli("path", MODEL_ID)
+    assert before.returncode == 1
+    assert before.stdout == ""
+    assert "not installed" in before.stderr and "llmlb-node pull tiny" in before.stderr
+    assert world.requests() == 0
+
+    path = _installed(world)
+    after = cli("path", MODEL_ID)
+    assert after.returncode == 0 and after.stdout == f"{path}\n"
+    assert world.requests() == 0
+
+
+def test_path_of_a_manual_install(world: World) -> None:
+    manual = world.models_dir / "by-hand" / "model.gguf"
+    manual.parent.mkdir(parents=True)
+    manual.write_bytes(make_gguf(1000, seed=3))
+    done = cli("path", "by-hand")
+    assert done.returncode == 0 and done.stdout == f"{manual}\n"
+
+
+# -- rm --------------------------------------------------------------------------------------
+def test_rm_removes_an_installed_model(world: World) -> None:
+    path = _installed(world)
+
+    done = cli("rm", MODEL_ID)
+
+    assert done.returncode == 0 and done.stdout == "removed tiny\n"
+    assert not path.exists() and not path.parent.exists()
+    assert cli("path", MODEL_ID).returncode == 1
+    again = cli("rm", MODEL_ID)
+    assert again.returncode == 1 and "tiny: not installed" in again.stderr
+
+
+# -- status ----------------------------------------------------------------------------------
+def test_status_json_has_llmlbs_resolution_status_keys(world: World) -> None:
+    before = json.loads(cli("status", MODEL_ID, "--json").stdout)
+    assert set(before) >= STATUS_KEYS
+    assert before["model_id"] == "tiny" and before["status"] == "missing"
+    assert before["progress"] == 0.0 and before["downloaded_bytes"] == 0
+    assert before["total_bytes"] == SIZE and before["local_path"] is None
+    assert before["error_message"] is None
+
+    assert cli("pull", MODEL_ID).returncode == 0
+    after = json.loads(cli("status", MODEL_ID, "--json").stdout)
+    assert after["status"] == "completed" and after["progress"] == 1.0
+    assert after["downloaded_bytes"] == SIZE and after["total_bytes"] == SIZE
+    assert after["local_path"] == str(world.installed_path())
+    assert after["error_message"] is None
+
+
+def test_status_without_an_id_lists_every_model(world: World) -> None:
+    world.add_model("other", {"other.gguf": make_gguf(1000, seed=4)})
+    _installed(world)
+
+    table = cli("status")
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
+    assert rows["tiny"][1] == "completed" and rows["tiny"][2] == "100%"
+    assert rows["other"][1:3] == ["missing", "0%"]
+
+    data = json.loads(cli("status", "--json").stdout)
+    assert [d["model_id"] for d in data] == ["tiny", "other"]
+    assert all(set(d) >= STATUS_KEYS for d in data)
+    assert world.requests() == 0
+
+
+def test_status_of_a_failed_pull_reports_the_error(world: World) -> None:
+    world.hub.refuse()
+    world.proxy.refuse()
+    assert cli("pull", MODEL_ID).returncode == 4
+
+    data = json.loads(cli("status", MODEL_ID, "--json").stdout)
+    assert data["status"] == "error"
+    assert "every source failed" in data["error_message"]
+
+
+def test_status_ignores_hand_made_directories_with_odd_names(world: World) -> None:
+    odd = world.models_dir / "My Model" / "model.gguf"
+    odd.parent.mkdir(parents=True)
+    odd.write_bytes(make_gguf(1000, seed=5))
+    done = cli("status", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [d["model_id"] for d in json.loads(done.stdout)] == ["tiny"]
+
+
+# -- failures --------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["pull", "path", "status"])
+def test_unknown_id_exits_3_with_suggestions(world: World, command: str) -> None:
+    done = cli(command, "tiyn")
+
+    assert done.returncode == 3
+    assert done.stdout == ""
+    assert "'tiyn' is not supported" in done.stderr
+    assert "Did you mean: tiny?" in done.stderr and str(world.catalog_path) in done.stderr
+    assert world.requests() == 0
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", ".hidden"])
+def test_invalid_id_exits_3(world: World, bad: str) -> None:
+    done = cli("pull", bad)
+    assert done.returncode == 3 and "invalid model id" in done.stderr
+    assert world.requests() == 0
+
+
+def test_everything_down_exits_4_with_one_line_per_source(world: World) -> None:
+    world.hub.refuse()
+    world.proxy.refuse()
+
+    done = cli("pull", MODEL_ID)
+
+    assert done.returncode == 4
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    start = lines.index("error: could not download 'tiny'; every source failed:")
+    causes = lines[start + 1 :]
+    assert len(causes) == 2
+    assert causes[0].startswith(f"  huggingface:{REPO}: [refused] ")
+    assert causes[1].startswith("  llmlb-proxy: [refused] ")
+    assert not world.installed_path().exists()
+
+
+def test_each_source_names_its_own_cause(world: World) -> None:
+    world.hub.fail_status(404)
+    world.proxy.refuse()
+
+    done = cli("pull", MODEL_ID)
+
+    assert done.returncode == 4
+    causes = done.stderr.split("every source failed:\n", 1)[1].splitlines()
+    assert len(causes) == 2
+    assert causes[0].startswith(f"  huggingface:{REPO}: [") and "404" in causes[0]
+    assert causes[1].startswith("  llmlb-proxy: [refused] ")
+
+
+def test_disk_precheck_failure_exits_5_before_any_request(world: World) -> None:
+    world.add_model("huge", {"huge.gguf": b""}, on_hub=False, on_proxy=False, size_bytes=10**18)
+
+    done = cli("pull", "huge")
+
+    assert done.returncode == 5
+    assert "not enough disk space" in done.stderr and "LLMLB_MODELS_DIR" in done.stderr
+    assert world.requests() == 0
+    assert not list((world.models_dir / "huge").glob("*"))
+
+
+def test_unusable_store_is_an_error_not_a_traceback(world: World, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+
+    done = cli("pull", MODEL_ID, env={"LLMLB_MODELS_DIR": str(blocker / "models")})
+
+    assert done.returncode == 1
+    assert "error:" in done.stderr and "Not a directory" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("frob",), ("pull",), ("pull", "a", "b"), ("status", "--bogus"), ("models", "x")],
+)
+def test_usage_errors_exit_2(world: World, args: tuple[str, ...]) -> None:
+    done = cli(*args)
+    assert done.returncode == 2
+    assert "usage: llmlb-node" in done.stderr
+
+
+def test_bad_settings_exit_2(world: World) -> None:
+    done = cli("pull", MODEL_ID, env={"LLMLB_STALL_TIMEOUT": "soon"})
+    assert done.returncode == 2
+    assert "LLMLB_STALL_TIMEOUT='soon' is not a number" in done.stderr
+    assert world.requests() == 0
+
+
+# -- secrets ---------------------------------------------------------------------------------
+HF_SECRET = "hf_NeverPrintThisToken0123456789"
+KEY_SECRET = "llmlb-NeverPrintThisKey-9876543210"
+
+
+def test_secrets_are_never_printed(world: World) -> None:
+    # The proxy accepts our key: a verbose pull that succeeds through it prints neither secret.
+    own = ProxyServer(api_key=KEY_SECRET)
+    try:
+        own.add_model(MODEL_ID, {FILENAME: world.content})
+        world.hub.require_token(REPO, "hf_someone_else")  # our HF token is refused (403)
+        env = {"HF_TOKEN": HF_SECRET, "LLMLB_API_KEY": KEY_SECRET, "LLMLB_URL": own.url}
+
+        ok = cli("-v", "pull", MODEL_ID, env=env)
+        assert ok.returncode == 0, ok.stderr
+        assert own.requests[-1].authorization == f"Bearer {KEY_SECRET}"  # it was sent...
+        outputs = [ok.stdout + ok.stderr]  # ...but never shown
+
+        assert cli("rm", MODEL_ID).returncode == 0
+        wrong = cli("-v", "pull", MODEL_ID, env={**env, "LLMLB_API_KEY": KEY_SECRET + "x"})
+        assert wrong.returncode == 4
+        outputs.append(wrong.stdout + wrong.stderr)
+        for args in (("status", "--json"), ("models", "--json"), ("path", MODEL_ID)):
+            done = cli(*args, env=env)
+            outputs.append(done.stdout + done.stderr)
+    finally:
+        own.close()
+
+    for text in outputs:
+        assert HF_SECRET not in text
+        assert KEY_SECRET not in text
