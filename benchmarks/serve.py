@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(_ROOT, "tests"))  # the servers the test-suite uses
 
 from servers import Blob, HubServer, ProxyServer  # noqa: E402
 
@@ -49,6 +50,9 @@ class Servers:
             "connections": hub.connections_opened
             + cdn.connections_opened
             + proxy.connections_opened,
+            "open_connections": hub.open_connections
+            + cdn.open_connections
+            + proxy.open_connections,
         }
 
     def reset(self) -> None:

@@ -70,6 +70,12 @@ class Goal:
     def met(self) -> bool:
         return bool(self.stat.samples) and _OPS[self.op](self.stat.median, self.threshold)
 
+    @property
+    def verdict(self) -> str:
+        if not self.stat.samples:
+            return "not measured"
+        return "met" if self.met else "MISSED"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "goal": self.text,
@@ -100,6 +106,10 @@ class Section:
 
     def goal(self, stat: Stat, op: str, threshold: float, text: str) -> Goal:
         goal = Goal(stat, op, threshold, text)
+        for i, row in enumerate(self.rows):
+            if row is stat:  # a figure that carries a goal is shown once, as the goal row
+                self.rows[i] = goal
+                return goal
         self.rows.append(goal)
         return goal
 
@@ -149,7 +159,7 @@ def _cells(row: Stat | Goal) -> list[str]:
     label = stat.label + (f" ({stat.note})" if stat.note else "")
     if isinstance(row, Goal):
         goal = f"{row.op} {fmt(row.threshold, stat.unit)}"
-        verdict = "met" if row.met else "**MISSED**"
+        verdict = "**MISSED**" if row.verdict == "MISSED" else row.verdict
     else:
         goal = verdict = ""
     return [label, fmt(stat.median, stat.unit), spread, goal, verdict]
@@ -174,7 +184,7 @@ def markdown(sections: Sequence[Section], header: str = "") -> str:
     notes = [(s.key, n) for s in sections for n in s.notes]
     if notes:
         lines += ["", "Notes:", ""]
-        lines += [f"- {key}. {note}" for key, note in notes]
+        lines += [f"- ({key}) {note}" for key, note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -192,15 +202,17 @@ def text_table(sections: Sequence[Section]) -> str:
     widths = [min(max(len(r[i]) for r in rows), 72) for i in range(6)]
     out = []
     for r in rows:
-        out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(
-            zip(r, widths, strict=True))).rstrip())
+        out.append(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
     return "\n".join(out) + "\n"
 
 
 def _verdict(row: Stat | Goal) -> str:
-    if not isinstance(row, Goal):
-        return ""
-    return "met" if row.met else "MISSED"
+    return row.verdict if isinstance(row, Goal) else ""
 
 
 def _escape(text: str) -> str:

@@ -499,12 +499,9 @@ class LazyLlama:
                 self._bound_names.clear()
             if llama is not None:
                 self._closed = True
-                try:
-                    close = getattr(llama, "close", None)
-                    if close is not None:
-                        close()
-                finally:
-                    del llama
+                close = getattr(llama, "close", None)
+                if close is not None:
+                    close()  # frees the model and context now, not whenever GC runs
                 log.info("%s: model closed", self._model_id)
         if self._owns_resolver and self._resolver is not None:
             self._resolver.close()
@@ -634,7 +631,7 @@ class LazyLlama:
         fn = getattr(llama, name)
         slot = self._slot
         lock = slot.lock
-        release, raw_acquire, get_ident = lock.release, lock._lock.acquire, threading.get_ident
+        acquire, release = lock.acquire, lock.release
         owner_ref = weakref.ref(self)
         params = _parameters(fn)
         generator = inspect.isgeneratorfunction(fn)
@@ -648,13 +645,7 @@ class LazyLlama:
         def call(*args: Any, **kwargs: Any) -> Any:
             if generator or (may_stream and kwargs.get("stream")):
                 return _LockedStream(lock, start=functools.partial(invoke, args, kwargs))
-            me = get_ident()
-            if lock._owner == me:  # re-entered (a callback of a call in progress)
-                lock._depth += 1
-            else:
-                raw_acquire()
-                lock._owner = me
-                lock._depth = 1
+            acquire()
             try:
                 if slot.llama is llama:
                     result = fn(*args, **kwargs)
@@ -682,6 +673,10 @@ class LazyLlama:
         plan = plan_offload(self._required_memory(resolved), n_gpu_layers=self._n_gpu_layers)
         log.info("%s: loading %s with offload plan: %s", self._model_id, resolved.path, plan)
         kwargs = {**self._llama_kwargs, "n_gpu_layers": plan.n_gpu_layers}
+        chat_format = resolved.entry.raw.get("chat_format") if resolved.entry else None
+        if isinstance(chat_format, str) and "chat_format" not in kwargs:
+            # The catalog knows the template for models whose GGUF carries none.
+            kwargs["chat_format"] = chat_format
         factory = self._factory()
         started = time.perf_counter()
         try:

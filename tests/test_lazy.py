@@ -571,8 +571,9 @@ def test_close_frees_and_the_next_use_reloads(store: Store, resolver: ModelResol
     assert len(tracker.built) == 2 and llm.load() is not first
     text_of(stale("The stale method", max_tokens=1))  # goes to the new model
     assert len(tracker.built) == 2
+    second = llm.load()
     llm.close()
-    assert len(tracker.closed) == 2
+    assert {id(first), id(second)} <= set(tracker.closed)  # (Llama.__del__ closes again: fine)
 
 
 def test_context_manager_closes(resolver: ModelResolver) -> None:
@@ -581,7 +582,7 @@ def test_context_manager_closes(resolver: ModelResolver) -> None:
         assert not llm.is_loaded  # entering does not load
         text_of(llm("Hello", max_tokens=1))
         loaded = llm.load()
-    assert not llm.is_loaded and tracker.closed == [id(loaded)]
+    assert not llm.is_loaded and id(loaded) in tracker.closed
 
 
 def test_dropping_a_loaded_instance_frees_the_model(resolver: ModelResolver) -> None:
@@ -642,5 +643,5 @@ def test_loading_in_a_thread_keeps_the_event_loop_responsive(resolver: ModelReso
     finally:
         llm.close()
     assert load_time > 0.1
-    assert max_gap < min(0.1, load_time / 2), (load_time, max_gap)
+    assert max_gap < min(0.2, load_time / 2), (load_time, max_gap)  # a blocked loop: ~load_time
     assert ticks >= int(load_time / 0.02)

@@ -110,7 +110,7 @@ def test_real_cpu_build_cannot_offload() -> None:
 
 def test_real_plan_on_this_machine_is_cpu(caplog: pytest.LogCaptureFixture) -> None:
     pytest.importorskip("llama_cpp")
-    caplog.set_level(logging.INFO, logger="llmlb_node.offload")
+    caplog.set_level(logging.DEBUG, logger="llmlb_node.offload")
     start = time.monotonic()
     plan = offload.plan_offload(500 * MIB, env={})
     assert time.monotonic() - start < 10
@@ -291,7 +291,7 @@ def test_visible_gpu_with_cpu_build_warns_once(
     tools: Path, cpu_build: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake_tool(tools, "nvidia-smi", SMI_ONE)
-    caplog.set_level(logging.INFO, logger="llmlb_node.offload")
+    caplog.set_level(logging.DEBUG, logger="llmlb_node.offload")
     first = offload.plan_offload(MIB, env={})
     second = offload.plan_offload(MIB, env={})
     assert (first.n_gpu_layers, first.backend) == (0, "cpu")
@@ -304,8 +304,8 @@ def test_visible_gpu_with_cpu_build_warns_once(
     assert 'CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_BUILD_TYPE=Release"' in message
     assert "--force-reinstall --no-cache-dir" in message
     assert "llmlb-node backend install --preset cuda" in first.reason
-    infos = [r for r in caplog.records if r.levelno == logging.INFO]
-    assert any("offload plan: cpu" in r.getMessage() for r in infos)
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("offload plan: cpu" in r.getMessage() for r in debug)
 
 
 def test_no_gpu_no_warning(tools: Path, cpu_build: None, caplog: pytest.LogCaptureFixture):

@@ -186,7 +186,7 @@ def plan_offload(
             plan = _plan_fixed(fixed, f"{ENV_VAR}={fixed} from the environment", env)
         else:
             plan = _plan_auto(required_memory_bytes, n_layers, env)
-    logger.info("offload plan: %s", plan)
+    logger.debug("offload plan: %s", plan)  # callers log it with the model it is for
     return plan
 
 
