@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         "crashed": crashed,
         "sections": [s.to_dict() for s in sections],
     }
-    stem = "quick" if args.quick else "latest"
+    # Only a complete full run is "latest" (the README table); quick and subset runs go aside.
+    stem = "quick" if args.quick else "latest" if len(args.only) == len(SECTIONS) else "partial"
     _write(args.out / f"{stem}.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     _write(args.out / f"{stem}.md", md)
     print(header + "\n")

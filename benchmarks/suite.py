@@ -183,8 +183,8 @@ def bench_micro(ctx: Context) -> tuple[Section, Section]:
         f"Per-call means of a calibrated loop (gc off, like timeit), {runs} run(s) in one process, "
         f"contenders interleaved; loops per run: {r['loops']}. Sockets counted by patching "
         "socket.socket/connect/getaddrinfo during the timed loops, then again with a "
-        f"sys.addaudithook pass; hf_hub_download's counts: {timed['hf_local']} / "
-        f"{audit['hf_local']}."
+        "sys.addaudithook pass; hf_hub_download's counts: "
+        f"{sum(timed['hf_local'].values())} / {sum(audit['hf_local'].values())}."
     )
     s1.extra = r
     noise.annotate(s1)
@@ -592,9 +592,9 @@ def bench_coldstart(ctx: Context) -> Section:
     marks = {n: [r[n]["marks"] for r in rows] for n in names}
     hub_requests = {n: _col(rows, n + "_hub") for n in names}
     labels = {
-        "direct": "`llama_cpp.Llama(model_path=...)`",
+        "direct": "`Llama(model_path=...)`",
         "lazy": '`LazyLlama("gemma-3-270m")`',
-        "from_pretrained": "`Llama.from_pretrained(...)` (cached; asks the loopback Hub)",
+        "from_pretrained": "`Llama.from_pretrained` (cached; asks the Hub)",
     }
     for name in names:
         s.add(Stat(f"{labels[name]}: script start → first token", "s", total[name]))

@@ -668,9 +668,14 @@ class LazyLlama:
         if slot.llama is not None:
             return slot.llama
         resolved = self.prefetch()
+        from .gguf import block_count
         from .offload import plan_offload
 
-        plan = plan_offload(self._required_memory(resolved), n_gpu_layers=self._n_gpu_layers)
+        plan = plan_offload(
+            self._required_memory(resolved),
+            n_gpu_layers=self._n_gpu_layers,
+            n_layers=block_count(resolved.path),  # exact partial offload, not a guess
+        )
         log.info("%s: loading %s with offload plan: %s", self._model_id, resolved.path, plan)
         kwargs = {**self._llama_kwargs, "n_gpu_layers": plan.n_gpu_layers}
         chat_format = resolved.entry.raw.get("chat_format") if resolved.entry else None

@@ -27,13 +27,13 @@ from typing import Any
 
 from .catalog import ModelEntry, check_id, is_valid_id
 from .errors import CatalogError
+from .gguf import MAGIC as GGUF_MAGIC
 
 log = logging.getLogger(__name__)
 
 META_DIR = ".llmlb"
 RECORD = "install.json"
 MANUAL_FILENAME = "model.gguf"  # the llmlb convention for a model placed by hand
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)

@@ -205,3 +205,9 @@ def test_the_cli_chat_mode(gemma_world: GemmaWorld, monkeypatch: pytest.MonkeyPa
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
+
+
+def test_the_real_gemma_header_gives_its_layer_count(gemma_file: Path) -> None:
+    from llmlb_node.gguf import block_count
+
+    assert block_count(gemma_file) == 18  # gemma3.block_count, as llama.cpp reads it
