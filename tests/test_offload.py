@@ -103,13 +103,11 @@ def test_import_does_not_import_llama_cpp() -> None:
 
 
 def test_real_cpu_build_cannot_offload() -> None:
-    pytest.importorskip("llama_cpp")
     assert offload.gpu_offload_supported() is False
     assert offload.built_backends() == ()
 
 
 def test_real_plan_on_this_machine_is_cpu(caplog: pytest.LogCaptureFixture) -> None:
-    pytest.importorskip("llama_cpp")
     caplog.set_level(logging.DEBUG, logger="llmlb_node.offload")
     start = time.monotonic()
     plan = offload.plan_offload(500 * MIB, env={})
