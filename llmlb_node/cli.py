@@ -25,6 +25,7 @@ from .errors import (
 )
 from .progress import LineProgress, ProgressEvent, TqdmProgress
 from .resolver import ModelResolver
+from .units import human_bytes
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNSUPPORTED, EXIT_DOWNLOAD, EXIT_INTEGRITY = 0, 1, 2, 3, 4, 5
 
@@ -291,13 +292,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> None:
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
+    return "?" if n is None else human_bytes(n)
 
 
 def _err(message: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from . import backend, offload
 from .errors import LlmlbError
 from .offload import cpu
-from .offload._common import human_bytes
+from .units import human_bytes
 
 logger = logging.getLogger(__name__)
 

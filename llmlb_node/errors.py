@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .units import human_bytes
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -61,8 +63,8 @@ class InsufficientDiskSpaceError(LlmlbError, OSError):
         self.free = free
         LlmlbError.__init__(
             self,
-            f"not enough disk space in {self.path}: need {_human(needed)}, "
-            f"{_human(free)} free. Free some space or point LLMLB_MODELS_DIR elsewhere.",
+            f"not enough disk space in {self.path}: need {human_bytes(needed)}, "
+            f"{human_bytes(free)} free. Free some space or point LLMLB_MODELS_DIR elsewhere.",
         )
 
 
@@ -119,12 +121,3 @@ class ModelDownloadError(LlmlbError):
 
 class ModelLoadError(LlmlbError):
     """llama.cpp could not load the resolved file with the chosen offload plan."""
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"

@@ -62,14 +62,14 @@ def test_models_lists_ids_names_sizes_and_installed_state(world: World) -> None:
     assert before.returncode == 0, before.stderr
     rows = before.stdout.splitlines()
     assert rows[0].split() == ["ID", "NAME", "SIZE", "INSTALLED"]
-    assert rows[1].split() == ["tiny", "Tiny", "300.0", "KB", "-"]
+    assert rows[1].split() == ["tiny", "Tiny", "293.0", "KiB", "-"]
     assert rows[2].split() == ["other", "Other", "2.5", "MB", "-"]
     assert f"catalog: {world.catalog_path}" in before.stdout
     assert f"store:   {world.models_dir}" in before.stdout
 
     path = _installed(world)
     after = cli("models")
-    assert after.stdout.splitlines()[1].split() == ["tiny", "Tiny", "300.0", "KB", "yes"]
+    assert after.stdout.splitlines()[1].split() == ["tiny", "Tiny", "293.0", "KiB", "yes"]
     assert after.stdout.splitlines()[2].split()[-1] == "-"
 
     data = json.loads(cli("models", "--json").stdout)

@@ -14,6 +14,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..units import human_bytes  # noqa: F401  (re-exported for the strategies)
+
 logger = logging.getLogger(__name__)
 
 TOOL_TIMEOUT = 2.0
@@ -114,18 +116,6 @@ def visible(
             picked.append(devices[index])
         devices = picked
     return tuple(devices)
-
-
-def human_bytes(n: int | None) -> str:
-    """1536 -> '1.5 KiB'; None -> 'unknown'."""
-    if n is None:
-        return "unknown"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def to_int(text: str | None, scale: int = 1) -> int | None:
