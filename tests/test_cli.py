@@ -63,7 +63,7 @@ def test_models_lists_ids_names_sizes_and_installed_state(world: World) -> None:
     rows = before.stdout.splitlines()
     assert rows[0].split() == ["ID", "NAME", "SIZE", "INSTALLED"]
     assert rows[1].split() == ["tiny", "Tiny", "293.0", "KiB", "-"]
-    assert rows[2].split() == ["other", "Other", "2.5", "MB", "-"]
+    assert rows[2].split() == ["other", "Other", "2.4", "MiB", "-"]
     assert f"catalog: {world.catalog_path}" in before.stdout
     assert f"store:   {world.models_dir}" in before.stdout
 
