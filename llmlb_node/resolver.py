@@ -97,6 +97,29 @@ _FLIGHTS_LOCK = threading.Lock()
 _SLOTS: threading.BoundedSemaphore | None = None
 
 
+# Installed models seen by any resolver in the process: (store, catalog), id -> (result, stamps).
+_INSTALLED: dict[
+    tuple[tuple[str, str], str], tuple[ResolvedModel, tuple[tuple[str, int, int], ...]]
+]
+_INSTALLED = {}
+# Parsed catalogs by path, valid while the file's (mtime, size) stays the same.
+_CATALOGS: dict[str, tuple[tuple[int, int], Catalog]] = {}
+
+
+def _shared_catalog(path: Path) -> Catalog:
+    try:
+        st = os.stat(path)
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return load_catalog(path)  # raises CatalogError naming the file
+    cached = _CATALOGS.get(str(path))
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    catalog = load_catalog(path)
+    _CATALOGS[str(path)] = (stamp, catalog)
+    return catalog
+
+
 def _slots(n: int) -> threading.BoundedSemaphore:
     global _SLOTS
     with _FLIGHTS_LOCK:
@@ -121,6 +144,7 @@ class ModelResolver:
         self._source_factory = sources
         self._downloader: Downloader | None = None
         self._init_lock = threading.Lock()
+        self._cache_key = (str(self.settings.models_dir), str(self.settings.catalog_path))
 
     # -- public API -----------------------------------------------------------------------
     @property
@@ -128,7 +152,7 @@ class ModelResolver:
         if self._catalog is None:
             with self._init_lock:
                 if self._catalog is None:
-                    self._catalog = load_catalog(self.settings.catalog_path)
+                    self._catalog = _shared_catalog(self.settings.catalog_path)
         return self._catalog
 
     def resolve(self, model_id: str, *, progress: ProgressCallback | None = None) -> ResolvedModel:
@@ -171,14 +195,37 @@ class ModelResolver:
             flight.done.set()
 
     def installed(self, model_id: str) -> ResolvedModel | None:
-        """The installed model, or None. Never touches the network: a few stat calls."""
+        """The installed model, or None. Never touches the network: a few stat calls.
+
+        A model seen installed before costs one stat per file: its files unchanged (same size
+        and mtime as the verified install) is proof enough; any change goes back to the record.
+        """
+        key = (self._cache_key, model_id)
+        hit = _INSTALLED.get(key)
+        if hit is not None:
+            resolved, stamps = hit
+            for path, size, mtime_ns in stamps:
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    break
+                if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                    break
+            else:
+                return resolved
+            _INSTALLED.pop(key, None)
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id, str(self.settings.catalog_path))
         entry = self.catalog.find(model_id)
         record = self.store.lookup(model_id, entry) or self.store.adopt_manual(model_id)
         if record is None:
             return None
-        return self._resolved(record, entry, "local")
+        resolved = self._resolved(record, entry, "local")
+        stamps = tuple(
+            (str(p), f.size, f.mtime_ns) for p, f in zip(resolved.paths, record.files, strict=True)
+        )
+        _INSTALLED[key] = (resolved, stamps)
+        return resolved
 
     def path(self, model_id: str) -> Path:
         """The installed main file; `ModelNotInstalledError` if it is not installed."""
@@ -196,6 +243,7 @@ class ModelResolver:
         """Delete an installed model (files, record, partial downloads)."""
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id)
+        _INSTALLED.pop((self._cache_key, model_id), None)
         return self.store.remove(model_id)
 
     def status(self, model_id: str | None = None) -> ModelStatus | list[ModelStatus]:

@@ -41,6 +41,16 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Build settings from `env` (default: os.environ); keyword overrides win."""
+        if env is None and not overrides:
+            # `ModelResolver()` on every request must stay cheap: reuse the settings built for
+            # the same environment (and the same answer to "is there a home catalog?").
+            values = tuple(os.environ.get(k) for k in _ENV_KEYS)
+            home = os.path.expanduser(values[0] or "~/.llmlb")
+            key = (values, os.path.isfile(os.path.join(home, "supported_models.json")))
+            cached = _FROM_ENV.get(key)
+            if cached is None:
+                cached = _FROM_ENV[key] = cls.from_env(dict(os.environ))
+            return cached
         env = os.environ if env is None else env
         home = Path(env.get("LLMLB_HOME") or Path.home() / ".llmlb").expanduser()
         models = Path(env.get("LLMLB_MODELS_DIR") or home / "models").expanduser()
@@ -62,6 +72,24 @@ class Settings:
             hf_offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
         )
         return replace(settings, **overrides) if overrides else settings  # type: ignore[arg-type]
+
+
+_ENV_KEYS = (  # LLMLB_HOME first: the cache key above reads it by position
+    "LLMLB_HOME",
+    "LLMLB_MODELS_DIR",
+    "LLMLB_SUPPORTED_MODELS",
+    "LLMLB_URL",
+    "LLMLB_API_KEY",
+    "LLMLB_ORIGIN_ALLOWLIST",
+    "LLMLB_STALL_TIMEOUT",
+    "LLMLB_MAX_CONCURRENT_DOWNLOADS",
+    "LLMLB_DOWNLOAD_CONNECTIONS",
+    "HF_ENDPOINT",
+    "HF_TOKEN",
+    "HF_HUB_OFFLINE",
+    "HOME",
+)
+_FROM_ENV: dict[tuple[object, ...], Settings] = {}
 
 
 def _float(env: Mapping[str, str], key: str, default: float) -> float:
