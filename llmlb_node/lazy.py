@@ -11,6 +11,8 @@ import functools
 import importlib.util
 import inspect
 import logging
+import re
+import textwrap
 import threading
 import time
 import weakref
@@ -148,6 +150,46 @@ def _llama_api() -> _LlamaApi:
     return _LlamaApi(_FALLBACK_PARAMS, None, "fallback")
 
 
+_NEXT_MEMBER = re.compile(r"\n    (?:@|def |async def |class )")
+
+
+def _parse_init_params(text: str) -> frozenset[str] | None:
+    """``Llama.__init__``'s keyword names from the source text, parsing only that function.
+
+    A fraction of the cost of parsing the whole module (which the attribute list needs, and
+    which is left for the rare moment it is needed), so constructing a LazyLlama stays cheap.
+    """
+    cls = re.search(r"^class Llama\b", text, re.M)
+    if cls is None:
+        return None
+    start = text.find("\n    def __init__(", cls.end())
+    if start < 0:
+        return None
+    end = _NEXT_MEMBER.search(text, start + 1)
+    source = textwrap.dedent(text[start + 1 : end.start() if end else len(text)])
+    func = ast.parse(source).body[0]
+    if not isinstance(func, ast.FunctionDef):
+        return None
+    args = func.args
+    names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+    return frozenset(names[1:]) - {"model_path"}
+
+
+@functools.lru_cache(maxsize=1)
+def _llama_params() -> frozenset[str]:
+    """Keyword arguments `llama_cpp.Llama` takes (read once per process)."""
+    path = _find_llama_source()
+    if path is not None:
+        try:
+            params = _parse_init_params(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError, IndexError) as exc:
+            log.debug("could not read Llama.__init__ from %s: %s", path, exc)
+            params = None
+        if params:
+            return params
+    return _llama_api().params
+
+
 def _check_kwargs(kwargs: dict[str, Any]) -> None:
     """`TypeError` for any keyword `llama_cpp.Llama` does not take, with the closest name."""
     if "model_path" in kwargs:
@@ -155,15 +197,15 @@ def _check_kwargs(kwargs: dict[str, Any]) -> None:
             "LazyLlama() does not take model_path: the resolver supplies the file; "
             "pass a model id instead (use llama_cpp.Llama directly for a file of your own)"
         )
-    api = _llama_api()
-    unknown = [k for k in kwargs if k not in api.params]
+    params = _llama_params()
+    unknown = [k for k in kwargs if k not in params]
     if not unknown:
         return
     import difflib
 
     problems = []
     for name in unknown:
-        close = difflib.get_close_matches(name, sorted(api.params), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(name, sorted(params), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         problems.append(f"{name!r}{hint}")
     raise TypeError(
