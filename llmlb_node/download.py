@@ -41,6 +41,8 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _MAX_REDIRECTS = 10
 _HASH_BLOCK = 4 * 1024 * 1024
 _SAVE_EVERY = 0.5  # seconds between progress sidecar writes
+_PROBE_S = 0.25  # how long one connection runs before deciding whether to split the file
+_MIN_PART = 1024 * 1024  # never split into parts smaller than this
 
 
 @dataclass(frozen=True)
@@ -249,11 +251,11 @@ class _HttpTransfer:
 
     def _transfer(self) -> None:
         if not self.segments:
-            if self.total is not None and self.remote_ranges:
-                self.segments = self._layout(self.total)
-            else:  # size unknown: the first answer tells it, then the file may be split
-                self.segments = [[0, self.total if self.total is not None else -1, 0]]
-                self.may_split = self.remote_ranges
+            # One connection first. If it turns out slow (a per-connection cap), the rest of the
+            # file is split over more; a fast one is kept, since more connections would only add
+            # CPU work on this side.
+            self.segments = [[0, self.total if self.total is not None else -1, 0]]
+            self.may_split = self.remote_ranges and self.s.download_connections > 1
         self._preallocate()
         self.hasher = _PrefixHasher(self.fd)
         self.hasher.start()
@@ -291,34 +293,53 @@ class _HttpTransfer:
             # A stall or a source failure matters more than the cancellations it caused.
             raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
 
-    def _split(self, seg: list[int], response: httpx.Response) -> None:
-        """After the first answer: if ranges work and the file is large, fetch it in parts."""
-        self.may_split = False
+    def _learn_size(self, seg: list[int], response: httpx.Response) -> None:
+        """From the first answer: the exact size, and whether the file may be split later."""
         if response.status_code != 206:
+            self.may_split = False
             length = response.headers.get("content-length")
             if self.total is None and length is not None:
                 self.total = seg[1] = int(length)
-            return
-        total = _content_range_total(response)
-        if total is None:
-            return
-        if self.total is None:
-            self.total = total
-        layout = self._layout(self.total)
-        seg[1] = layout[0][1]
-        self.segments.extend(layout[1:])
+        elif self.total is None:
+            self.total = _content_range_total(response)
+            if self.total is None:
+                self.may_split = False
+            else:
+                seg[1] = self.total
         self._preallocate()
-        self._note_progress(force=True)
-        for extra in self.segments[1:]:
-            self._spawn(extra)
 
-    def _layout(self, total: int) -> list[list[int]]:
-        """[start, end, done] ranges: one, or one per connection for a large file."""
+    def _maybe_split(self, seg: list[int], probe: list[float]) -> None:
+        """After the probe window, split the rest of a slow single stream over N connections."""
+        now = time.monotonic()
+        if not probe:
+            probe.extend((now, seg[2]))
+            return
+        elapsed = now - probe[0]
+        if elapsed < _PROBE_S:
+            return
+        self.may_split = False
+        rate = (seg[2] - probe[1]) / elapsed
+        rest = seg[1] - seg[2]
         n = self.s.download_connections
-        if n <= 1 or total < self.s.parallel_threshold:
-            return [[0, total, 0]]
-        step = -(-total // n)
-        return [[start, min(start + step, total), start] for start in range(0, total, step)]
+        if self.total is None or self.total < self.s.parallel_threshold or rest < n * _MIN_PART:
+            return
+        if rate >= self.s.split_below:
+            log.debug("%s: %.0f MB/s on one connection; not splitting", self.file, rate / 1e6)
+            return
+        step = -(-rest // n)
+        starts = range(seg[2] + step, seg[1], step)
+        extra = [[start, min(start + step, seg[1]), start] for start in starts]
+        seg[1] = seg[2] + step  # this connection now stops at the end of its own part
+        self.segments.extend(extra)
+        log.info(
+            "%s: %.1f MB/s on one connection; fetching the rest over %d connections",
+            self.file.filename,
+            rate / 1e6,
+            n,
+        )
+        self._note_progress(force=True)
+        for part in extra:
+            self._spawn(part)
 
     def _preallocate(self) -> None:
         if self.total is None or self.preallocated:
@@ -353,7 +374,7 @@ class _HttpTransfer:
                     response = self._open(seg[2], end)
                 self._check_response(response, seg)
                 if self.may_split and seg is self.segments[0]:
-                    self._split(seg, response)
+                    self._learn_size(seg, response)
                 for n in self._stream(response, seg):
                     if n:
                         failures = stalls = 0
@@ -459,6 +480,7 @@ class _HttpTransfer:
         fd = self.fd
         check_magic = seg[2] == 0 and _is_gguf_name(self.file.filename)
         head = b""
+        probe: list[float] = []
         for chunk in response.iter_raw():
             if self.cancel.is_set():
                 raise _Cancelled()
@@ -477,6 +499,8 @@ class _HttpTransfer:
                         )
             os.pwrite(fd, chunk, seg[2])
             seg[2] += n
+            if self.may_split and seg is self.segments[0]:
+                self._maybe_split(seg, probe)
             self._note_progress()
             yield n
             if seg[1] != -1 and seg[2] >= seg[1]:

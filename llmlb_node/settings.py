@@ -31,6 +31,8 @@ class Settings:
     max_concurrent_downloads: int = 2
     download_connections: int = 4
     parallel_threshold: int = 64 * 1024 * 1024
+    split_below: float = 128 * 1024 * 1024
+    """Bytes/s: a first connection slower than this has the rest of the file split over more."""
     hf_endpoint: str = DEFAULT_HF_ENDPOINT
     hf_token: str | None = field(default=None, repr=False)
     hf_offline: bool = False
