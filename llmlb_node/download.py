@@ -11,6 +11,7 @@ import errno
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -68,20 +69,44 @@ class Downloader:
 
     def __init__(self, settings: Settings, client: httpx.Client | None = None) -> None:
         self.settings = settings
-        self._client = client or httpx.Client(
+        self._given = client
+        self._clients: dict[str, httpx.Client] = {}
+        self._lock = threading.Lock()
+
+    def client(self, url: str) -> httpx.Client:
+        """The client for `url`'s scheme. Plain http needs no TLS context, whose creation
+        (loading the CA bundle) costs tens of milliseconds before the first byte."""
+        if self._given is not None:
+            return self._given
+        scheme = "https" if url.startswith("https:") else "http"
+        client = self._clients.get(scheme)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(scheme)
+                if client is None:
+                    client = self._clients[scheme] = self._new_client(tls=scheme == "https")
+        return client
+
+    def _new_client(self, tls: bool) -> httpx.Client:
+        s = self.settings
+        return httpx.Client(
             timeout=httpx.Timeout(
-                connect=settings.connect_timeout,
-                read=settings.stall_timeout,  # the stall watchdog: no byte for this long
-                write=settings.stall_timeout,
+                connect=s.connect_timeout,
+                read=s.stall_timeout,  # the stall watchdog: no byte for this long
+                write=s.stall_timeout,
                 pool=None,
             ),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
             follow_redirects=False,  # we follow them ourselves, to scope credentials per host
             headers={"user-agent": f"llmlb-node/{__version__}", "accept-encoding": "identity"},
+            verify=tls,  # http:// never negotiates TLS; https:// always verifies
         )
 
     def close(self) -> None:
-        self._client.close()
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
 
     def fetch(
         self, remote: Remote, partial: Partial, file: ModelFile, progress: ProgressFn | None = None
@@ -157,6 +182,8 @@ class Downloader:
                         chunk = view[:n]
                         hasher.update(chunk)
                         out.write(chunk)
+                        out.flush()
+                        _start_writeback(out.fileno(), done, n)
                         done += n
                         progress(done, total)
             out.flush()
@@ -512,8 +539,9 @@ class _HttpTransfer:
             headers = {"range": f"bytes={start}-{'' if end is None else end}"}
             if self.remote.headers and host_of(url) == self.remote.auth_host:
                 headers.update(self.remote.headers)
-            request = self.d._client.build_request("GET", url, headers=headers)
-            response = self.d._client.send(request, stream=True)
+            client = self.d.client(url)
+            request = client.build_request("GET", url, headers=headers)
+            response = client.send(request, stream=True)
             if response.status_code not in _REDIRECTS:
                 return response
             location = response.headers.get("location")
@@ -624,9 +652,35 @@ class _PrefixHasher:
                 if not block:
                     return  # the file is shorter than claimed; finish() reports it
                 self.h.update(block)
+                _start_writeback(self.fd, self.pos, len(block))
                 self.pos += len(block)
             if final is not None:
                 return
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux's sync_file_range(2), which Python's os module does not expose."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.sync_file_range
+        func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    except (OSError, AttributeError):
+        return None
+    return lambda fd, offset, n: func(fd, offset, n, 2)  # SYNC_FILE_RANGE_WRITE: start, no wait
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, n: int) -> None:
+    """Start writing a verified block to disk now, so the fsync before publishing has little
+    left to wait for (the pages stay cached for llama.cpp's load)."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, n)
 
 
 def can_resume(meta: dict, remote: Remote, file: ModelFile) -> bool:
