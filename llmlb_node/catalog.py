@@ -6,7 +6,6 @@ extensions: ``sha256``, ``revision``, ``files`` and ``sources``.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -128,6 +127,8 @@ class Catalog:
         raise UnsupportedModelError(model_id, self.path, self.suggest(model_id))
 
     def suggest(self, model_id: str, n: int = 3) -> list[str]:
+        import difflib  # only an unknown id pays for it
+
         lowered = {i.lower(): i for i in self._entries}
         close = difflib.get_close_matches(model_id.lower(), list(lowered), n=n, cutoff=0.6)
         found = [lowered[c] for c in close]

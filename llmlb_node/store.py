@@ -16,7 +16,6 @@ import glob
 import json
 import logging
 import os
-import secrets
 import shutil
 import socket
 import time
@@ -196,7 +195,7 @@ class ModelStore:
     def new_partial(self, model_id: str, filename: str) -> Partial:
         final = self.file_path(model_id, filename)
         final.parent.mkdir(parents=True, exist_ok=True)
-        name = f".{final.name}.{secrets.token_hex(6)}.partial"
+        name = f".{final.name}.{os.urandom(6).hex()}.partial"
         path = final.parent / name
         meta_path = self._partials_dir(model_id) / f"{_flat(filename)}.{name}.json"
         meta_path.parent.mkdir(parents=True, exist_ok=True)
@@ -407,7 +406,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_atomic(path: Path, data: bytes, *, fsync: bool) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, data)

@@ -5,9 +5,12 @@ One module per platform strategy (metal, cuda, rocm, vulkan, cpu) sits behind `p
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import platform
 import re
+import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -228,8 +231,23 @@ def _plan_fixed(layers: int, reason: str, env: Mapping[str, str]) -> OffloadPlan
     return OffloadPlan(layers, choice[0], reason, choice[1])
 
 
+def _gpu_may_exist(env: Mapping[str, str]) -> bool:
+    """Cheap signs of a GPU (device nodes, vendor tools on PATH, a Mac): only then is it worth
+    running the detectors for a CPU-only build, to warn that it cannot use the GPU."""
+    if platform.system() != "Linux":
+        return True
+    if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")):
+        return True
+    if glob.glob("/dev/dri/renderD*"):
+        return True
+    path = env.get("PATH", os.environ.get("PATH"))
+    return any(shutil.which(tool, path=path) for tool in ("nvidia-smi", "rocm-smi", "vulkaninfo"))
+
+
 def _plan_auto(required: int | None, n_layers: int | None, env: Mapping[str, str]) -> OffloadPlan:
     supported = gpu_offload_supported()
+    if not supported and not _gpu_may_exist(env):
+        return OffloadPlan(0, "cpu", "no GPU detected: running on CPU")
     devices = detect_devices(env)
     built = built_backends()
     choice = _choose(devices, built)
