@@ -10,7 +10,6 @@ import collections
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -243,7 +242,7 @@ def write_status_file(path: Path, event: ProgressEvent, started_at: float) -> No
     data = asdict(event)
     data.update(
         pid=os.getpid(),
-        host=socket.gethostname(),
+        host=_hostname(),
         started_at=started_at,
         updated_at=time.time(),
     )
@@ -339,3 +338,9 @@ class LineProgress:
 
 def _mib(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MiB"
+
+
+def _hostname() -> str:
+    from .store import hostname
+
+    return hostname()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from .progress import (
     read_status_file,
 )
 from .settings import Settings
-from .store import InstallRecord, ModelStore, pid_alive
+from .store import InstallRecord, ModelStore, hostname, pid_alive
 
 if TYPE_CHECKING:
     from .download import Downloader, Fetched
@@ -488,9 +487,7 @@ class ModelResolver:
         if data is not None:
             event = event_from_status(data)
             pid = data.get("pid")
-            alive = data.get("host") != socket.gethostname() or (
-                isinstance(pid, int) and pid_alive(pid)
-            )
+            alive = data.get("host") != hostname() or (isinstance(pid, int) and pid_alive(pid))
             fresh = time.time() - float(data.get("updated_at") or 0) < self._stale_after()
             if event.stage == "failed":
                 return _from_event(event, event.message or "download failed", pid)

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -77,7 +76,7 @@ class Partial:
     meta: dict[str, Any]
 
     def save(self) -> None:
-        self.meta.update(pid=os.getpid(), host=socket.gethostname(), updated_at=time.time())
+        self.meta.update(pid=os.getpid(), host=hostname(), updated_at=time.time())
         _write_atomic(self.meta_path, json.dumps(self.meta).encode(), fsync=False)
 
     def discard(self) -> None:
@@ -368,9 +367,19 @@ def _owned_by_live_writer(meta: dict[str, Any], stale_after: float) -> bool:
     pid, host, updated = meta.get("pid"), meta.get("host"), meta.get("updated_at", 0)
     if not pid or pid == os.getpid():
         return False
-    if host == socket.gethostname() and not pid_alive(int(pid)):
+    if host == hostname() and not pid_alive(int(pid)):
         return False
     return time.time() - float(updated) < stale_after
+
+
+def hostname() -> str:
+    """This machine's name, as status files and partial sidecars record it."""
+    try:
+        return os.uname().nodename
+    except AttributeError:  # Windows
+        import socket
+
+        return socket.gethostname()
 
 
 def pid_alive(pid: int) -> bool:

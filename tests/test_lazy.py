@@ -645,3 +645,16 @@ def test_loading_in_a_thread_keeps_the_event_loop_responsive(resolver: ModelReso
     assert load_time > 0.1
     assert max_gap < min(0.2, load_time / 2), (load_time, max_gap)  # a blocked loop: ~load_time
     assert ticks >= int(load_time / 0.02)
+
+
+def test_fast_signature_read_matches_a_full_parse_of_llama_py() -> None:
+    from llmlb_node import lazy
+
+    source = lazy._find_llama_source()
+    assert source is not None
+    text = source.read_text(encoding="utf-8")
+    assert lazy._parse_init_params(text) == lazy._parse_llama_source(source).params
+    # An unusual layout falls back to parsing the function, with the same answer.
+    odd = text.replace("\n        verbose: bool = True,", " verbose: bool = True,", 1)
+    assert odd != text
+    assert lazy._parse_init_params(odd) == lazy._parse_llama_source(source).params
