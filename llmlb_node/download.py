@@ -543,6 +543,7 @@ class _HttpTransfer:
             request = client.build_request("GET", url, headers=headers)
             response = client.send(request, stream=True)
             if response.status_code not in _REDIRECTS:
+                _read_in_large_blocks(response)
                 return response
             location = response.headers.get("location")
             response.close()
@@ -681,6 +682,33 @@ def _start_writeback(fd: int, offset: int, n: int) -> None:
     left to wait for (the pages stay cached for llama.cpp's load)."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, n)
+
+
+_READ_BLOCK = 256 * 1024
+
+
+def _read_in_large_blocks(response: httpx.Response) -> bool:
+    """Let the connection behind `response` read the body 256 KiB at a time instead of httpcore's
+    64 KiB. Each read costs a fixed amount of Python work; on a fast link that work, not the
+    network, was the limit (loopback, 253 MB: 741 -> 1054 MB/s, on par with curl).
+
+    httpcore has no public knob for it, so this sets the attribute on this connection only
+    (never the class), and does nothing if httpx or httpcore change their insides.
+    """
+    node: object = response.stream
+    for _ in range(6):  # httpx's bound stream -> its transport's -> the pool's -> the connection
+        if hasattr(node, "READ_NUM_BYTES"):
+            node.READ_NUM_BYTES = _READ_BLOCK  # type: ignore[attr-defined]
+            return True
+        inner = [
+            getattr(node, n)
+            for n in ("_stream", "_httpcore_stream", "_connection")
+            if hasattr(node, n)
+        ]
+        if not inner:
+            return False
+        node = inner[0]
+    return False
 
 
 def can_resume(meta: dict, remote: Remote, file: ModelFile) -> bool:

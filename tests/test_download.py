@@ -424,3 +424,20 @@ def test_peak_memory_does_not_grow_with_the_file(
     rss = json.loads(done.stdout)
     growth_mib = (rss["after_kib"] - rss["before_kib"]) / 1024
     assert growth_mib <= 64, growth_mib
+
+
+def test_bodies_are_read_in_large_blocks_with_the_installed_httpx(world: World) -> None:
+    """The 256 KiB read size (a fourfold cut in per-read Python work) reaches the connection;
+    if httpx or httpcore change their insides this fails, rather than silently slowing down."""
+    import httpx
+
+    from llmlb_node.download import _read_in_large_blocks
+
+    with httpx.Client() as client:
+        request = client.build_request("GET", world.hub.file_url(REPO, FILENAME))
+        response = client.send(request, stream=True, follow_redirects=True)
+        try:
+            assert _read_in_large_blocks(response)
+            assert b"".join(response.iter_raw()) == world.content
+        finally:
+            response.close()

@@ -439,6 +439,9 @@ while not os.path.exists(sys.argv[2]):
     time.sleep(0.0002)
 partial = store.claim_partial("m", "m.gguf", stale_after=60.0)
 print(json.dumps({"path": str(partial.path), "content": partial.path.read_text()}), flush=True)
+# Stay alive (a live writer) until everyone has claimed: a dead writer's partial is fair game.
+while not os.path.exists(sys.argv[2] + ".exit"):
+    time.sleep(0.001)
 """
 
 
@@ -459,7 +462,10 @@ def test_concurrent_claims_never_share_a_partial(store: ModelStore, tmp_path: Pa
         for proc in procs:
             assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
         go.touch()  # every process is ready: they all race for the same three files
-        results = [json.loads(proc.communicate(timeout=30)[0]) for proc in procs]
+        results = [json.loads(proc.stdout.readline()) for proc in procs]  # type: ignore[union-attr]
+        (tmp_path / "go.exit").touch()
+        for proc in procs:
+            proc.communicate(timeout=30)
     finally:
         for proc in procs:
             proc.kill()
