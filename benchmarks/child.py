@@ -397,13 +397,15 @@ def _coldstart(a: dict[str, Any]) -> dict[str, Any]:
     if contender == "direct":
         from llama_cpp import Llama
 
-        marks["imported"] = time.perf_counter()
+        marks["imported"] = marks["load_start"] = time.perf_counter()
         llm: Any = Llama(model_path=a["path"], **kwargs)
+        marks["loaded"] = time.perf_counter()
     elif contender == "lazy":
         from llmlb_node import LazyLlama
 
         marks["imported"] = time.perf_counter()
         llm = LazyLlama(a["model_id"], **kwargs)
+        llm.llama_factory = _timed_factory(marks)  # marks load_start / loaded
     elif contender == "from_pretrained":
         from llama_cpp import Llama
 
@@ -443,6 +445,16 @@ def _cold_from_proxy(
         if event.source and event.source not in sources:
             sources.append(event.source)
 
+    llm = LazyLlama(a["model_id"], progress=progress, **kwargs)
+    llm.llama_factory = _timed_factory(marks)
+    out["stages"] = stages
+    out["sources"] = sources
+    return llm
+
+
+def _timed_factory(marks: dict[str, float]) -> Callable[..., Any]:
+    """A `LazyLlama.llama_factory` that builds `llama_cpp.Llama` and marks when and how long."""
+
     def factory(**kw: Any) -> Any:
         from llama_cpp import Llama
 
@@ -451,11 +463,7 @@ def _cold_from_proxy(
         marks["loaded"] = time.perf_counter()
         return llama
 
-    llm = LazyLlama(a["model_id"], progress=progress, **kwargs)
-    llm.llama_factory = factory
-    out["stages"] = stages
-    out["sources"] = sources
-    return llm
+    return factory
 
 
 TASKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

@@ -292,9 +292,9 @@ class Workers:
 class CpuMeter:
     """CPU time the rest of the machine used while a benchmark ran (interference).
 
-    Machine-wide busy time from /proc/stat minus what this process, its reaped children and
-    the server process used. Kernel work not charged to a process (softirq of loopback
-    traffic) counts as foreign, so a few percent is normal while downloading.
+    Machine-wide user + system + steal time from /proc/stat minus what this process, its
+    reaped children and the server process used. Interrupt and softirq time are left out: they
+    are charged to no process, and our own loopback transfers make plenty of softirq work.
     """
 
     def __init__(self, server_pid: int | None = None) -> None:
@@ -310,8 +310,8 @@ class CpuMeter:
                 fields = [int(x) for x in fh.readline().split()[1:]]
         except (OSError, ValueError):
             return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        busy = (user + nice + system + irq + softirq + steal) / self.hz
+        user, nice, system, _idle, _iowait, _irq, _softirq, steal = (fields + [0] * 8)[:8]
+        busy = (user + nice + system + steal) / self.hz
         own = 0.0
         for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
             r = resource.getrusage(who)
@@ -342,6 +342,28 @@ def drop_tree(path: Path) -> None:
     """Delete a download's output (its dirty pages are dropped with it), then sync the rest."""
     shutil.rmtree(path, ignore_errors=True)
     os.sync()
+
+
+def library_fingerprint() -> dict[str, Any]:
+    """What was measured: the git commit (read only) and a hash of llmlb_node's sources, which
+    also catches uncommitted edits."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    package = ROOT / "llmlb_node"
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".json"):
+            digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        commit = proc.stdout.strip() or None
+    return {"commit": commit, "sources_sha256": digest.hexdigest()[:16]}
 
 
 def machine_info() -> dict[str, Any]:

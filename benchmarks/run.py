@@ -30,6 +30,7 @@ from benchmarks.harness import (  # noqa: E402
     clean_env,
     generated_model,
     install_gemma,
+    library_fingerprint,
     machine_info,
     write_catalog,
 )
@@ -121,7 +122,7 @@ def _prepare(ctx: suite.Context, wanted: set[str]) -> None:
         ctx.catalog_proxy = write_catalog(
             ctx.work / "catalog-proxy.json", [suite_gemma.catalog_entry([])]
         )
-    if wanted & {"1", "6"}:
+    if wanted & {"1", "2", "6"}:  # 1+2 share one child, which times hf_hub_download too
         assert ctx.gemma is not None
         _log("preparing: filling a Hugging Face cache with it (hf_hub_download) …")
         ctx.hf_gemma_home = ctx.work / "hf-gemma-home"
@@ -206,7 +207,8 @@ def _annotate_missed(ctx: suite.Context, sections: list[Section], profile: bool)
         for g in missed:
             s.notes.append(
                 f"MISSED: {g.text}: median {fmt(g.stat.median, g.stat.unit)} "
-                f"(goal {g.op} {fmt(g.threshold, g.stat.unit)})."
+                f"(goal {g.op.replace('<=', '≤').replace('>=', '≥')} "
+                f"{fmt(g.threshold, g.stat.unit)})."
             )
         if not profile:
             continue
@@ -223,7 +225,7 @@ def _annotate_missed(ctx: suite.Context, sections: list[Section], profile: bool)
         s.extra["profiles"] = [p for p, _ in found]
 
 
-def _header(info: dict, args: argparse.Namespace) -> str:
+def _header(info: dict, args: argparse.Namespace, library: dict) -> str:
     ram = (info.get("ram_bytes") or 0) / 2**30
     v = info["versions"]
     mode = (
@@ -234,7 +236,9 @@ def _header(info: dict, args: argparse.Namespace) -> str:
     return (
         f"Measured {info['date'][:10]} on {info['cpu']}, {info['cores']} cores, {ram:.0f} GiB RAM, "
         f"Python {info['python']}, llama-cpp-python {v.get('llama_cpp_python')}, "
-        f"huggingface_hub {v.get('huggingface_hub')}; {mode}: median, min – max. "
+        f"huggingface_hub {v.get('huggingface_hub')}, llmlb-node "
+        f"{(library.get('commit') or 'unknown')[:10]} (sources {library['sources_sha256']}); "
+        f"{mode}: median, min – max. "
         "Ratios are taken within each run against a peer measured in that run."
     )
 
@@ -251,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     started = time.monotonic()
     info = machine_info()
+    library = library_fingerprint()
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="llmlb-bench-", dir=args.workdir))
@@ -291,9 +296,18 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    library_after = library_fingerprint()
+    changed = library_after["sources_sha256"] != library["sources_sha256"]
+    if changed:
+        _log("WARNING: llmlb_node changed while the benchmarks ran; the figures mix versions")
     crashed = [s.key for s in sections if s.error]
     missed = [f"{s.key}: {g.text}" for s in sections for g in s.goals if g.verdict == "MISSED"]
-    header = _header(info, args)
+    header = _header(info, args, library)
+    if changed:
+        header += (
+            f" **Warning: llmlb_node changed during this run** ({library['sources_sha256']} → "
+            f"{library_after['sources_sha256']}): the figures mix versions; run again."
+        )
     md = markdown(sections, header)
     command = (
         "python -m benchmarks"
@@ -304,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full",
         "runs": args.runs,
         "machine": info,
+        "library": library,
+        "library_after": library_after,
+        "library_changed_during_run": changed,
         "duration_s": round(time.monotonic() - started, 1),
         "missed": missed,
         "crashed": crashed,

@@ -143,8 +143,10 @@ def fmt(value: float, unit: str) -> str:
         return "–"
     if math.isinf(value):
         return "∞"
-    if unit == "×":
-        return f"{value:.2f}×" if value < 100 else f"{value:.0f}×"
+    if unit == "×":  # three decimals near 1, so a 1.053× never reads as a met "≤ 1.05×"
+        return (
+            f"{value:.3f}×" if value < 10 else f"{value:.1f}×" if value < 100 else f"{value:.0f}×"
+        )
     if unit == "count":
         return f"{value:g}"
     digits = 3 if abs(value) < 1 else 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
@@ -158,7 +160,7 @@ def _cells(row: Stat | Goal) -> list[str]:
         spread = "(1 run)"
     label = stat.label + (f" ({stat.note})" if stat.note else "")
     if isinstance(row, Goal):
-        goal = f"{row.op} {fmt(row.threshold, stat.unit)}"
+        goal = f"{_SYMBOL[row.op]} {_threshold(row.threshold, stat.unit)}"
         verdict = "**MISSED**" if row.verdict == "MISSED" else row.verdict
     else:
         goal = verdict = ""
@@ -209,6 +211,15 @@ def text_table(sections: Sequence[Section]) -> str:
             ).rstrip()
         )
     return "\n".join(out) + "\n"
+
+
+_SYMBOL = {"<=": "≤", ">=": "≥"}
+
+
+def _threshold(value: float, unit: str) -> str:
+    if unit == "×":
+        return f"{value:g}×"
+    return f"{value:g}" if unit == "count" else f"{value:g} {unit}"
 
 
 def _verdict(row: Stat | Goal) -> str:
