@@ -11,6 +11,7 @@ import re
 import time
 from typing import Any
 
+from .. import __version__
 from ..catalog import ModelEntry, ModelFile
 from ..errors import SourceError
 from ..settings import Settings
@@ -100,7 +101,11 @@ class HuggingFaceSource(Source):
         for attempt in range(1, attempts + 1):
             try:
                 return get_metadata(
-                    url, token=token or False, timeout=self.settings.connect_timeout
+                    url,
+                    token=token or False,
+                    timeout=self.settings.connect_timeout,
+                    library_name="llmlb-node",
+                    library_version=__version__,
                 )
             except GatedRepoError as exc:
                 raise fail(
