@@ -366,3 +366,33 @@ def test_secrets_are_never_printed(world: World) -> None:
     for text in outputs:
         assert HF_SECRET not in text
         assert KEY_SECRET not in text
+
+
+def test_doctor_reports_platform_build_gpus_and_the_plan(world: World) -> None:
+    text = cli("doctor", MODEL_ID)
+    assert text.returncode == 0, text.stderr
+    for label in ("platform:", "cpu:", "llama-cpp-python:", "gpu offload:", "plan:"):
+        assert label in text.stdout
+    assert "cpu, no layers offloaded (0)" in text.stdout  # this machine has no GPU
+
+    data = json.loads(cli("doctor", "--json").stdout)
+    assert {"platform", "cpu", "llama_cpp", "gpus", "plan"} <= set(data)
+    assert data["plan"]["n_gpu_layers"] == 0 and data["llama_cpp"]["system_info"]
+
+    assert cli("doctor", "no-such-model").returncode == 3
+
+
+def test_backend_presets_and_the_rebuild_command(world: World) -> None:
+    listed = cli("backend", "presets")
+    assert listed.returncode == 0
+    assert {"cpu", "cuda", "metal", "vulkan", "rocm"} <= {
+        line.split()[0] for line in listed.stdout.splitlines()[1:] if line.strip()
+    }
+
+    dry = cli("backend", "install", "--preset", "cuda", "--dry-run")
+    assert dry.returncode == 0
+    assert 'CMAKE_ARGS="-DGGML_CUDA=ON' in dry.stdout
+    assert "--no-binary llama-cpp-python" in dry.stdout and "llama-cpp-python==" in dry.stdout
+
+    unknown = cli("backend", "install", "--preset", "nope")
+    assert unknown.returncode == 2 and "known presets: cpu" in unknown.stderr
