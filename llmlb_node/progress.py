@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .store import hostname, read_json, write_atomic
+
 log = logging.getLogger(__name__)
 
 STAGES = ("resolving", "waiting", "downloading", "verifying", "installed", "failed")
@@ -242,25 +244,19 @@ def write_status_file(path: Path, event: ProgressEvent, started_at: float) -> No
     data = asdict(event)
     data.update(
         pid=os.getpid(),
-        host=_hostname(),
+        host=hostname(),
         started_at=started_at,
         updated_at=time.time(),
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data).encode(), fsync=False)
     except OSError as exc:
         log.debug("could not write %s: %s", path, exc)
 
 
 def read_status_file(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json(path)
 
 
 def event_from_status(data: dict[str, Any]) -> ProgressEvent:
@@ -338,9 +334,3 @@ class LineProgress:
 
 def _mib(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MiB"
-
-
-def _hostname() -> str:
-    from .store import hostname
-
-    return hostname()

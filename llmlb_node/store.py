@@ -77,7 +77,7 @@ class Partial:
 
     def save(self) -> None:
         self.meta.update(pid=os.getpid(), host=hostname(), updated_at=time.time())
-        _write_atomic(self.meta_path, json.dumps(self.meta).encode(), fsync=False)
+        write_atomic(self.meta_path, json.dumps(self.meta).encode(), fsync=False)
 
     def discard(self) -> None:
         for p in (self.path, self.meta_path):
@@ -225,7 +225,7 @@ class ModelStore:
         if final.parent.is_dir():
             for path in final.parent.glob(_partial_glob(final.name)):
                 meta_path = pdir / f"{_flat(filename)}.{path.name}.json"
-                meta = _read_json(meta_path) or {}
+                meta = read_json(meta_path) or {}
                 if _owned_by_live_writer(meta, stale_after) or not accept(meta):
                     continue
                 done = sum(int(s[2]) - int(s[0]) for s in meta.get("segments", []))
@@ -249,7 +249,7 @@ class ModelStore:
         pdir = self._partials_dir(model_id)
         best = 0
         for meta_path in pdir.glob(_sidecar_glob(filename)) if pdir.is_dir() else ():
-            meta = _read_json(meta_path) or {}
+            meta = read_json(meta_path) or {}
             best = max(best, sum(int(s[2]) - int(s[0]) for s in meta.get("segments", [])))
         return best
 
@@ -303,7 +303,7 @@ class ModelStore:
         final = self.file_path(model_id, filename)
         pdir = self._partials_dir(model_id)
         for path in final.parent.glob(_partial_glob(final.name)):
-            meta = _read_json(pdir / f"{_flat(filename)}.{path.name}.json") or {}
+            meta = read_json(pdir / f"{_flat(filename)}.{path.name}.json") or {}
             if not _owned_by_live_writer(meta, stale_after=float("inf")):
                 path.unlink(missing_ok=True)
         for sidecar in pdir.glob(_sidecar_glob(filename)) if pdir.is_dir() else ():
@@ -313,7 +313,7 @@ class ModelStore:
     def _write_record(self, record: InstallRecord) -> None:
         path = self.record_path(record.model_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, record.to_json().encode(), fsync=True)
+        write_atomic(path, record.to_json().encode(), fsync=True)
 
     # -- listing and removal --------------------------------------------------------------
     def installed_ids(self) -> list[str]:
@@ -406,7 +406,8 @@ def _sidecar_glob(filename: str) -> str:
     return f"{glob.escape(_flat(filename))}.*.json"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A small JSON object from `path`, or None if it is missing, torn or not an object."""
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError):
@@ -414,7 +415,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_atomic(path: Path, data: bytes, *, fsync: bool) -> None:
+def write_atomic(path: Path, data: bytes, *, fsync: bool) -> None:
+    """Replace `path` with `data` in one step: readers see the old or the new, never a part."""
     tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -153,27 +153,23 @@ def test_sixteen_threads_on_one_instance_get_sixteen_answers(gemma_world: GemmaW
     llm.close()
 
 
+def _run(world: GemmaWorld, *args: str) -> subprocess.CompletedProcess[str]:
+    """`llmlb-node run gemma-3-270m ...` as a user types it, with a small context."""
+    return subprocess.run(
+        ["llmlb-node", "run", GEMMA_ID, *args, "-o", "n_ctx=256"],
+        env={**os.environ, **world.env()},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
 def test_the_readme_main_command(gemma_world: GemmaWorld, monkeypatch: pytest.MonkeyPatch) -> None:
     """`llmlb-node run gemma-3-270m "The capital of France is"` on a machine with no Hub."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     gemma_world.hub.refuse()
 
-    done = subprocess.run(
-        [
-            "llmlb-node",
-            "run",
-            GEMMA_ID,
-            "The capital of France is",
-            "--max-tokens",
-            "8",
-            "-o",
-            "n_ctx=256",
-        ],
-        env={**os.environ, **gemma_world.env()},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = _run(gemma_world, "The capital of France is", "--max-tokens", "8")
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
@@ -184,25 +180,7 @@ def test_the_readme_main_command(gemma_world: GemmaWorld, monkeypatch: pytest.Mo
 
 def test_the_cli_chat_mode(gemma_world: GemmaWorld, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    done = subprocess.run(
-        [
-            "llmlb-node",
-            "run",
-            GEMMA_ID,
-            "Name a colour.",
-            "--chat",
-            "--max-tokens",
-            "6",
-            "--temperature",
-            "0",
-            "-o",
-            "n_ctx=256",
-        ],
-        env={**os.environ, **gemma_world.env()},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = _run(gemma_world, "Name a colour.", "--chat", "--max-tokens", "6", "--temperature", "0")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
 
