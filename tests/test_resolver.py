@@ -352,3 +352,30 @@ def test_hub_endpoint_answering_html_is_not_the_hub(world: World) -> None:
     resolved = world.resolver().resolve(MODEL_ID)
 
     assert resolved.source == "llmlb-proxy"
+
+
+def test_the_llmlb_key_never_follows_a_redirect_to_another_host(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from servers import LoopbackServer, ProxyServer
+
+    mirror = LoopbackServer(host="127.0.0.2")
+    mirror.add_path("/blobs/tiny.gguf", world.content)
+
+    class RedirectingProxy(ProxyServer):
+        def handle_request(self, h, rec) -> None:  # noqa: ANN001
+            self.send_bytes(h, rec, 302, b"", headers={"Location": f"{mirror.url}/blobs/tiny.gguf"})
+
+    proxy = RedirectingProxy(api_key="test-key")
+    try:
+        monkeypatch.setenv("LLMLB_URL", proxy.url)
+        world.hub.refuse()
+
+        resolved = world.resolver().resolve(MODEL_ID)
+
+        assert resolved.path.read_bytes() == world.content
+        assert {r.authorization for r in proxy.requests} == {"Bearer test-key"}
+        assert {r.authorization for r in mirror.requests} == {None}
+    finally:
+        proxy.close()
+        mirror.close()
