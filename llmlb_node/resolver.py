@@ -327,7 +327,9 @@ class ModelResolver:
                 if other.stage in ("downloading", "verifying"):
                     monitor.relay(other)
                 updated = float(data.get("updated_at") or 0)
-                if time.time() - updated > stale_after:
+                # The grace covers a new holder that has not written its first status yet.
+                waited = time.monotonic() - waiting_since
+                if time.time() - updated > stale_after and waited > min(stale_after, 1.0):
                     log.warning(
                         "%s: the download held by pid %s on %s has not moved for %.0fs; "
                         "taking over",
