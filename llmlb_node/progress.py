@@ -283,7 +283,7 @@ class TqdmProgress:
                 total=event.total,
                 unit="B",
                 unit_scale=True,
-                unit_divisor=1024,
+                unit_divisor=1000,  # tqdm labels kB/MB: keep the figures decimal to match
                 desc=event.model_id,
                 file=self.file,
                 dynamic_ncols=True,
