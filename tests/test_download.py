@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -233,21 +234,12 @@ def test_parallel_download_resumes_each_range(world: World) -> None:
     content = make_gguf(size, seed=4)
     world.add_model("wide", {"wide.gguf": content})
     world.hub.cdn.rate_limit(1 * MIB)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _PARALLEL_CHILD, "wide"],
-        env={**os.environ, **world.env()},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     model_dir = world.models_dir / "wide"
-    try:
-        deadline = time.monotonic() + 30
-        while _sidecar_segments(model_dir) < 4 or _sidecar_done(model_dir) < 2 * MIB:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
-    finally:
-        proc.kill()
-        proc.wait()
+    _kill_when(
+        world,
+        [_PARALLEL_CHILD, "wide"],
+        lambda: _sidecar_segments(model_dir) >= 4 and _sidecar_done(model_dir) >= 2 * MIB,
+    )
     done = _sidecar_done(model_dir)
 
     _drain(world)
@@ -256,6 +248,25 @@ def test_parallel_download_resumes_each_range(world: World) -> None:
     assert sha256_hex(resolved.path.read_bytes()) == sha256_hex(content)
     assert len(_gets(world.hub.cdn)) == 4  # each unfinished range resumed where it stopped
     assert world.hub.cdn.bytes_sent <= size - done + 64 * 1024
+
+
+def _kill_when(world: World, args: list[str], ready: Callable[[], bool]) -> None:
+    """Run `python -c *args` against the world and SIGKILL it once `ready()` holds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", *args],
+        env={**os.environ, **world.env()},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready():
+            assert proc.poll() is None, "the download finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _drain(world: World) -> None:
@@ -288,22 +299,8 @@ def test_sigkill_mid_download_then_resume_from_the_partial(world: World) -> None
     world.add_model("killme", {"killme.gguf": content}, sha256=sha256_hex(content))
     world.hub.cdn.rate_limit(2 * MIB)
     code = "from llmlb_node import ModelResolver; ModelResolver().resolve('killme')"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        env={**os.environ, **world.env()},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     model_dir = world.models_dir / "killme"
-    try:
-        deadline = time.monotonic() + 30
-        while _sidecar_done(model_dir) < size // 2:
-            assert proc.poll() is None, "the download finished before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    finally:
-        proc.kill()
-        proc.wait()
+    _kill_when(world, [code], lambda: _sidecar_done(model_dir) >= size // 2)
     assert not (model_dir / "killme.gguf").exists()  # nothing at the final path
 
     _drain(world)
