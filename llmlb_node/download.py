@@ -27,6 +27,7 @@ from .errors import (
     IntegrityError,
     SourceError,
 )
+from .origin import may_carry_secret
 from .settings import Settings
 from .sources.base import Remote, fail, host_of
 from .sources.http_errors import describe_exception
@@ -537,10 +538,12 @@ class _HttpTransfer:
         url = self.url
         for _ in range(_MAX_REDIRECTS + 1):
             headers = {"range": f"bytes={start}-{'' if end is None else end}"}
-            if self.remote.headers and host_of(url) == self.remote.auth_host:
-                headers.update(self.remote.headers)
             client = self.d.client(url)
             request = client.build_request("GET", url, headers=headers)
+            # Decided on the URL as httpx will connect to it, hop by hop: a redirect to another
+            # port, host or scheme loses the secret.
+            if self.remote.headers and may_carry_secret(str(request.url), self.remote.auth_origin):
+                request.headers.update(self.remote.headers)
             response = client.send(request, stream=True)
             if response.status_code not in _REDIRECTS:
                 _read_in_large_blocks(response)

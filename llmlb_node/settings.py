@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .catalog import catalog_path_from_env
+from .origin import split_userinfo
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 _TRUE = {"1", "true", "yes", "on"}
@@ -24,6 +25,9 @@ class Settings:
     models_dir: Path
     catalog_path: Path
     llmlb_url: str | None = None
+    """LLMLB_URL without its userinfo (safe to log and show)."""
+    llmlb_userinfo: tuple[str, str] | None = field(default=None, repr=False)
+    """LLMLB_URL's ``user:password@``, sent as Basic auth to that origin only."""
     llmlb_api_key: str | None = field(default=None, repr=False)
     origin_allowlist: tuple[str, ...] = ()
     stall_timeout: float = 30.0
@@ -59,11 +63,13 @@ class Settings:
         allow = tuple(
             p.strip().lower() for p in env.get("LLMLB_ORIGIN_ALLOWLIST", "").split(",") if p.strip()
         )
+        llmlb_url, userinfo = split_userinfo((env.get("LLMLB_URL") or "").strip().rstrip("/"))
         settings = cls(
             home=home,
             models_dir=models,
             catalog_path=catalog_path_from_env(env),
-            llmlb_url=(env.get("LLMLB_URL") or "").rstrip("/") or None,
+            llmlb_url=llmlb_url or None,
+            llmlb_userinfo=userinfo,
             llmlb_api_key=env.get("LLMLB_API_KEY") or None,
             origin_allowlist=allow,
             stall_timeout=_float(env, "LLMLB_STALL_TIMEOUT", 30.0),

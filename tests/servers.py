@@ -5,6 +5,7 @@ Standard library only; Range, HEAD, keep-alive, per-request records, byte counte
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -1039,13 +1040,21 @@ class ProxyServer(LoopbackServer):
     """The llmlb load balancer's blob endpoint: `GET/HEAD /v0/models/blob/{model_id}[?file=]`.
 
     The model id is percent-decoded (clients send `org%2Fname`); without `?file=` the first file
-    is served. With `api_key` set, anything but `Authorization: Bearer <api_key>` gets 401.
+    is served. With `api_key` set, anything but `Authorization: Bearer <api_key>` gets 401; with
+    `basic_auth` (user, password), anything but that HTTP Basic authorization gets 401.
     """
 
     PREFIX = "/v0/models/blob/"
 
-    def __init__(self, host: str = LOCALHOST, port: int = 0, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str = LOCALHOST,
+        port: int = 0,
+        api_key: str | None = None,
+        basic_auth: tuple[str, str] | None = None,
+    ) -> None:
         self.api_key = api_key
+        self.basic_auth = basic_auth
         self._models: dict[str, dict[str, Blob]] = {}
         super().__init__(host, port)
 
@@ -1069,6 +1078,14 @@ class ProxyServer(LoopbackServer):
             self._models[model_id] = {**files, filename: blob}
         return blob
 
+    def _expected_authorization(self) -> str | None:
+        if self.api_key is not None:
+            return f"Bearer {self.api_key}"
+        if self.basic_auth is not None:
+            pair = ":".join(self.basic_auth).encode()
+            return f"Basic {base64.b64encode(pair).decode('ascii')}"
+        return None
+
     def blob_url(self, model_id: str, filename: str | None = None) -> str:
         url = f"{self.url}{self.PREFIX}{quote(model_id, safe='')}"
         return f"{url}?file={quote(filename, safe='')}" if filename else url
@@ -1078,9 +1095,7 @@ class ProxyServer(LoopbackServer):
         self.send_json(h, rec, status, {"error": {"message": msg, "type": kind}}, headers)
 
     def handle_request(self, h: _Handler, rec: RecordedRequest) -> None:
-        if self.api_key is not None and rec.headers.get("authorization") != (
-            f"Bearer {self.api_key}"
-        ):
+        if self._expected_authorization() not in (None, rec.headers.get("authorization")):
             self._error(h, rec, 401, "unauthorized", "missing or invalid API key")
             return
         if not rec.path.startswith(self.PREFIX):

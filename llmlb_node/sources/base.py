@@ -26,8 +26,9 @@ class Remote:
     url: str | None = None
     """HTTP(S) URL of the bytes; None for a local source."""
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    """Extra request headers. Sent only to `auth_host` (they may hold a secret)."""
-    auth_host: str | None = None
+    """Extra request headers, which may hold a secret: sent only to `auth_origin`."""
+    auth_origin: str | None = None
+    """A URL of the one origin (scheme, host, port) `headers` may go to; see `may_carry_secret`."""
     size: int | None = None
     """Exact size, when the source knows it before the transfer."""
     sha256: str | None = None

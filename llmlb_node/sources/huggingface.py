@@ -1,7 +1,7 @@
 """The Hugging Face Hub as a source: huggingface_hub for URLs, auth and file metadata.
 
 The bytes themselves stream through our downloader from the location the Hub redirects to; the
-token goes only to the Hub endpoint's host, never to the CDN host the Hub redirects to.
+token goes only to HF_ENDPOINT's origin (scheme, host, port), never to the CDN it redirects to.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 from .. import __version__
 from ..catalog import ModelEntry, ModelFile
 from ..errors import SourceError
+from ..origin import may_carry_secret
 from ..settings import Settings
-from .base import Remote, Source, check_origin, fail, host_of
+from .base import Remote, Source, check_origin, fail
 from .http_errors import describe_exception
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class HuggingFaceSource(Source):
             self.repo, file.filename, revision=self.revision, endpoint=settings.hf_endpoint
         )
         check_origin(self.label, url, settings.origin_allowlist)
-        token = self._token()
+        token = self._token() if may_carry_secret(url, settings.hf_endpoint) else None
         meta = self._metadata(get_hf_file_metadata, url, token)
         if not meta.commit_hash and not meta.etag:
             # huggingface_hub returns empty metadata for a 200 HTML page (a portal, a proxy's
@@ -57,7 +58,6 @@ class HuggingFaceSource(Source):
             )
 
         location = meta.location or url
-        same_host = host_of(location) == host_of(settings.hf_endpoint)
         etag = (meta.etag or "").lower()
         sha256 = etag if _SHA256.fullmatch(etag) else None
         if file.sha256 and sha256 and file.sha256 != sha256:
@@ -71,8 +71,9 @@ class HuggingFaceSource(Source):
         return Remote(
             source=self.label,
             url=location,
-            headers={"authorization": f"Bearer {token}"} if token and same_host else {},
-            auth_host=host_of(settings.hf_endpoint) if token else None,
+            # The downloader sends it only where `may_carry_secret` allows: not to the CDN.
+            headers={"authorization": f"Bearer {token}"} if token else {},
+            auth_origin=settings.hf_endpoint if token else None,
             size=meta.size,
             sha256=sha256,
             validator=etag or meta.commit_hash,

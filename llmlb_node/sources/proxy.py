@@ -1,16 +1,18 @@
 """The llmlb load balancer's proxy: the fallback after every external source failed.
 
 ``GET {LLMLB_URL}/v0/models/blob/{id}`` (``?file=`` for each file of a multi-file model), with the
-API key as a bearer token sent only to LLMLB_URL's host.
+API key as a bearer token (or LLMLB_URL's ``user:password@`` as Basic auth) sent only to
+LLMLB_URL's origin.
 """
 
 from __future__ import annotations
 
+import base64
 from urllib.parse import quote
 
 from ..catalog import ModelEntry, ModelFile
 from ..settings import Settings
-from .base import Remote, Source, fail, host_of
+from .base import Remote, Source, fail
 
 LABEL = "llmlb-proxy"
 
@@ -30,12 +32,22 @@ class ProxySource(Source):
         url = f"{base}/v0/models/blob/{quote(entry.id, safe='')}"
         if len(entry.files) > 1:
             url += f"?file={quote(file.filename, safe='')}"
-        key = self.settings.llmlb_api_key
+        auth = self._authorization()
         return Remote(
             source=self.label,
             url=url,
-            headers={"authorization": f"Bearer {key}"} if key else {},
-            auth_host=host_of(base) if key else None,
+            headers={"authorization": auth} if auth else {},
+            auth_origin=base if auth else None,
             size=file.size_bytes,
             sha256=file.sha256,
         )
+
+    def _authorization(self) -> str | None:
+        """Bearer LLMLB_API_KEY; without a key, Basic from LLMLB_URL's userinfo."""
+        key, userinfo = self.settings.llmlb_api_key, self.settings.llmlb_userinfo
+        if key:
+            return f"Bearer {key}"
+        if userinfo:
+            pair = f"{userinfo[0]}:{userinfo[1]}".encode()
+            return f"Basic {base64.b64encode(pair).decode('ascii')}"
+        return None
