@@ -1,83 +1,342 @@
-"""Just enough of the GGUF format to plan an offload: the header's key/value metadata.
+"""Just enough of the GGUF format to trust a file and plan its load, read straight from its header.
 
-Reads ``general.architecture`` and ``<arch>.block_count`` (the layer count) without loading the
-model; stops at the first tensor-sized array it does not need.
+`read_header` parses version, metadata, tensor infos and alignment in one streaming pass that skips
+the values nobody needs (the tokenizer's arrays); `check_complete` proves a file is at least as long
+as the data its header declares. Neither loads the model.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
-from typing import BinaryIO
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO, Union
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
 _SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
+    0: struct.Struct("<B"),
+    1: struct.Struct("<b"),
+    2: struct.Struct("<H"),
+    3: struct.Struct("<h"),
+    4: struct.Struct("<I"),
+    5: struct.Struct("<i"),
+    6: struct.Struct("<f"),
+    7: struct.Struct("<?"),
+    10: struct.Struct("<Q"),
+    11: struct.Struct("<q"),
+    12: struct.Struct("<d"),
 }
 _STRING, _ARRAY = 8, 9
-_MAX_KEYS = 4096
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_KEEP_ARRAY = 4096  # numeric arrays up to this many items (per-layer values) are kept
+
+# ggml_type -> (elements per block, bytes per block), as ggml's type traits define them.
+_GGML_TYPES: dict[int, tuple[int, int]] = {
+    0: (1, 4),  # F32
+    1: (1, 2),  # F16
+    2: (32, 18),  # Q4_0
+    3: (32, 20),  # Q4_1
+    6: (32, 22),  # Q5_0
+    7: (32, 24),  # Q5_1
+    8: (32, 34),  # Q8_0
+    9: (32, 36),  # Q8_1
+    10: (256, 84),  # Q2_K
+    11: (256, 110),  # Q3_K
+    12: (256, 144),  # Q4_K
+    13: (256, 176),  # Q5_K
+    14: (256, 210),  # Q6_K
+    15: (256, 292),  # Q8_K
+    16: (256, 66),  # IQ2_XXS
+    17: (256, 74),  # IQ2_XS
+    18: (256, 98),  # IQ3_XXS
+    19: (256, 50),  # IQ1_S
+    20: (32, 18),  # IQ4_NL
+    21: (256, 110),  # IQ3_S
+    22: (256, 82),  # IQ2_S
+    23: (256, 136),  # IQ4_XS
+    24: (1, 1),  # I8
+    25: (1, 2),  # I16
+    26: (1, 4),  # I32
+    27: (1, 8),  # I64
+    28: (1, 8),  # F64
+    29: (256, 56),  # IQ1_M
+    30: (1, 2),  # BF16
+    34: (256, 54),  # TQ1_0
+    35: (256, 66),  # TQ2_0
+    39: (32, 17),  # MXFP4
+}
+
+Value = Union[int, float, bool, str, tuple]  # noqa: UP007 - a runtime alias on 3.10
+
+
+class GGUFError(ValueError):
+    """The file is not a well-formed GGUF, or is shorter than its header declares."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the header declares it; `offset` counts from `GGUFHeader.data_offset`."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: int
+    offset: int
+    size: int | None
+    """Bytes of data, or None for a ggml type this reader does not know."""
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """The parsed header of one GGUF file (or one shard of a split GGUF)."""
+
+    version: int
+    metadata: dict[str, Value]
+    """Scalars and strings; numeric arrays of up to 4096 items as tuples. Longer arrays and
+    arrays of strings are skipped: their lengths are in `array_lengths`."""
+    array_lengths: dict[str, int]
+    tensors: tuple[TensorInfo, ...]
+    alignment: int
+    data_offset: int
+    """Where the tensor data section starts in the file."""
+    data_end: int
+    """The smallest file size that holds every declared tensor's data."""
+    file_size: int = field(default=0, compare=False)
+
+    @property
+    def architecture(self) -> str | None:
+        arch = self.metadata.get("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+    def arch_field(self, name: str) -> Value | None:
+        """``<architecture>.<name>``, e.g. ``arch_field("block_count")``; None if absent."""
+        arch = self.architecture
+        return None if arch is None else self.metadata.get(f"{arch}.{name}")
+
+
+def read_header(path: str | os.PathLike[str], *, tensors: bool = True) -> GGUFHeader:
+    """Parse the header of the GGUF at `path`; raise `GGUFError` (malformed or cut short)
+    or `OSError`. With ``tensors=False`` it stops after the metadata (data fields are 0)."""
+    with open(path, "rb", buffering=0) as fh:
+        return _Parser(fh).parse(tensors=tensors)
+
+
+def check_complete(path: str | os.PathLike[str], *, name: str | None = None) -> GGUFHeader:
+    """The header of a GGUF that is whole: parseable and at least as long as its declared data.
+
+    Bytes past the declared end are allowed (llama.cpp ignores them). Raises `GGUFError`
+    naming the declared and the actual size.
+    """
+    label = name or os.path.basename(os.fspath(path))
+    try:
+        header = read_header(path)
+    except GGUFError as exc:
+        raise GGUFError(f"{label}: {exc}") from None
+    if header.file_size < header.data_end:
+        raise GGUFError(
+            f"{label}: truncated: the GGUF header declares {header.data_end} bytes of data "
+            f"but the file has {header.file_size}"
+        )
+    return header
 
 
 def block_count(path: str | os.PathLike[str]) -> int | None:
     """The model's layer count from its GGUF header, or None if it cannot be read."""
     try:
-        with open(path, "rb") as fh:
-            meta = _read_metadata(fh, wanted_suffix=".block_count")
-    except (OSError, ValueError, struct.error):
+        with open(path, "rb", buffering=0) as fh:
+            parser = _Parser(fh)
+            parser.parse(tensors=False, stop=_has_block_count)
+    except (OSError, GGUFError):
         return None
-    arch = meta.get("general.architecture")
-    value = meta.get(f"{arch}.block_count") if isinstance(arch, str) else None
+    value = _block_count_of(parser.metadata)
     return value if isinstance(value, int) and value > 0 else None
 
 
-def _read_metadata(fh: BinaryIO, wanted_suffix: str) -> dict[str, object]:
-    if fh.read(4) != MAGIC:
-        raise ValueError("not a GGUF file")
-    (version,) = struct.unpack("<I", fh.read(4))
-    if version < 2:
-        raise ValueError(f"GGUF version {version} is not supported")
-    _tensors, kv_count = struct.unpack("<QQ", fh.read(16))
-    meta: dict[str, object] = {}
-    for _ in range(min(kv_count, _MAX_KEYS)):
-        key = _string(fh)
-        (kind,) = struct.unpack("<I", fh.read(4))
-        meta[key] = _value(fh, kind)
-        arch = meta.get("general.architecture")
-        if isinstance(arch, str) and f"{arch}{wanted_suffix}" in meta:
-            break
-    return meta
+def _block_count_of(meta: dict[str, Value]) -> Value | None:
+    arch = meta.get("general.architecture")
+    return meta.get(f"{arch}.block_count") if isinstance(arch, str) else None
 
 
-def _string(fh: BinaryIO) -> str:
-    (n,) = struct.unpack("<Q", fh.read(8))
-    if n > 1 << 20:
-        raise ValueError("implausible string length")
-    return fh.read(n).decode("utf-8", "replace")
+def _has_block_count(meta: dict[str, Value]) -> bool:
+    return _block_count_of(meta) is not None
 
 
-def _value(fh: BinaryIO, kind: int) -> object:
-    if kind in _SCALARS:
-        fmt = _SCALARS[kind]
-        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
-    if kind == _STRING:
-        return _string(fh)
-    if kind == _ARRAY:
-        (item_kind,) = struct.unpack("<I", fh.read(4))
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if item_kind in _SCALARS:
-            fh.seek(n * struct.calcsize(_SCALARS[item_kind]), os.SEEK_CUR)
+class _Parser:
+    """A forward-only reader over a window of the file, refilled in large blocks."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.size = os.fstat(fh.fileno()).st_size
+        self.buf = b""
+        self.base = 0  # file offset of buf[0]
+        self.pos = 0  # file offset of the next unread byte
+        self.metadata: dict[str, Value] = {}
+        self.array_lengths: dict[str, int] = {}
+
+    # -- the sections ---------------------------------------------------------------------
+    def parse(
+        self, *, tensors: bool, stop: Callable[[dict[str, Value]], bool] | None = None
+    ) -> GGUFHeader:
+        magic = self._take(4)
+        if magic != MAGIC:
+            raise GGUFError(f"not a GGUF file (starts with {magic!r})")
+        (version,) = _U32.unpack(self._take(4))
+        if version not in (2, 3):
+            raise GGUFError(f"GGUF version {version} is not supported")
+        (n_tensors,) = _U64.unpack(self._take(8))
+        (n_kv,) = _U64.unpack(self._take(8))
+        # Every key/value takes at least 13 bytes, every tensor info at least 24.
+        self._plausible(n_kv * 13 + n_tensors * 24, "key/value and tensor counts")
+        for _ in range(n_kv):
+            key = self._string()
+            (kind,) = _U32.unpack(self._take(4))
+            self._value(key, kind)
+            if stop is not None and stop(self.metadata):
+                break
+        if not tensors:
+            return self._header(version, (), 0, 0)
+        infos = tuple(self._tensor_info() for _ in range(n_tensors))
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(f"general.alignment {alignment!r} is not a power of two")
+        data_offset = -(-self.pos // alignment) * alignment
+        ends = [t.offset + (t.size or 0) for t in infos]
+        data_end = data_offset + max(ends) if ends else self.pos
+        return self._header(version, infos, data_offset, data_end, alignment)
+
+    def _header(
+        self,
+        version: int,
+        infos: tuple[TensorInfo, ...],
+        data_offset: int,
+        data_end: int,
+        alignment: int = DEFAULT_ALIGNMENT,
+    ) -> GGUFHeader:
+        return GGUFHeader(
+            version=version,
+            metadata=self.metadata,
+            array_lengths=self.array_lengths,
+            tensors=infos,
+            alignment=alignment,
+            data_offset=data_offset,
+            data_end=data_end,
+            file_size=self.size,
+        )
+
+    def _value(self, key: str, kind: int) -> None:
+        if kind in _SCALARS:
+            fmt = _SCALARS[kind]
+            self.metadata[key] = fmt.unpack(self._take(fmt.size))[0]
+        elif kind == _STRING:
+            self.metadata[key] = self._string()
+        elif kind == _ARRAY:
+            (item,) = _U32.unpack(self._take(4))
+            (n,) = _U64.unpack(self._take(8))
+            self.array_lengths[key] = n
+            if item in _SCALARS:
+                width = _SCALARS[item].size
+                self._plausible(n * width, f"array {key!r}")
+                if n <= _KEEP_ARRAY:
+                    raw = self._take(n * width)
+                    fmt = struct.Struct(f"<{n}{_SCALARS[item].format[1:]}")
+                    self.metadata[key] = fmt.unpack(raw)
+                else:
+                    self._skip(n * width)
+            elif item == _STRING:
+                self._plausible(n * 8, f"array {key!r}")
+                self._skip_strings(n)
+            else:
+                raise GGUFError(f"array {key!r} of GGUF type {item} is not supported")
         else:
-            for _ in range(n):
-                _value(fh, item_kind)
-        return None  # arrays are never needed here
-    raise ValueError(f"unknown GGUF value type {kind}")
+            raise GGUFError(f"unknown GGUF value type {kind} for {key!r}")
+
+    def _tensor_info(self) -> TensorInfo:
+        name = self._string()
+        (n_dims,) = _U32.unpack(self._take(4))
+        if n_dims > 8:
+            raise GGUFError(f"tensor {name!r} has {n_dims} dimensions")
+        shape = struct.unpack(f"<{n_dims}Q", self._take(8 * n_dims))
+        (kind,) = _U32.unpack(self._take(4))
+        (offset,) = _U64.unpack(self._take(8))
+        elements = 1
+        for d in shape:
+            elements *= d
+        traits = _GGML_TYPES.get(kind)
+        size = None
+        if traits is not None:
+            block, nbytes = traits
+            if elements % block:
+                raise GGUFError(f"tensor {name!r}: {elements} elements in blocks of {block}")
+            size = elements // block * nbytes
+        else:
+            log.debug(
+                "tensor %r: ggml type %d is unknown here; its size is not checked", name, kind
+            )
+        return TensorInfo(name, tuple(shape), kind, offset, size)
+
+    # -- bytes ----------------------------------------------------------------------------
+    def _plausible(self, nbytes: int, what: str) -> None:
+        if self.pos + nbytes > self.size:
+            raise GGUFError(
+                f"truncated: the header's {what} need {self.pos + nbytes} bytes "
+                f"but the file has {self.size}"
+            )
+
+    def _fill(self, end: int) -> None:
+        """Make file bytes [pos, end) available in the window."""
+        if end > self.size:
+            raise GGUFError(
+                f"truncated: the header runs past the end of the file ({self.size} bytes)"
+            )
+        have = self.base + len(self.buf)
+        if end <= have:
+            return
+        keep = self.buf[self.pos - self.base :] if self.pos < have else b""
+        start = max(self.pos, have)
+        want = max(end - start, 1 << 20, 2 * len(keep))
+        self.fh.seek(start)
+        more = self.fh.read(min(want, self.size - start))
+        self.buf = keep + more
+        self.base = self.pos if self.pos < have else start
+        if self.base + len(self.buf) < end:
+            raise GGUFError("truncated: the file ended while reading its header")
+
+    def _take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > self.base + len(self.buf):
+            self._fill(end)
+        at = self.pos - self.base
+        self.pos = end
+        return self.buf[at : at + n]
+
+    def _skip(self, n: int) -> None:
+        self._plausible(n, "values")
+        self.pos += n
+
+    def _string(self) -> str:
+        (n,) = _U64.unpack(self._take(8))
+        if n > 1 << 20:
+            raise GGUFError(f"implausible string length {n} at byte {self.pos - 8}")
+        return self._take(n).decode("utf-8", "replace")
+
+    def _skip_strings(self, n: int) -> None:
+        """Skip `n` length-prefixed strings: the hot loop for a tokenizer's vocabulary."""
+        unpack = _U64.unpack_from
+        while n:
+            self._fill(self.pos + 8)
+            buf, base = self.buf, self.base
+            p, last = self.pos - base, len(buf) - 8
+            while n and p <= last:
+                p += 8 + unpack(buf, p)[0]
+                n -= 1
+            self.pos = base + p
+            if self.pos > self.size:
+                raise GGUFError(
+                    f"truncated: a string array runs past the end of the file ({self.size} bytes)"
+                )

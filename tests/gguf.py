@@ -1,6 +1,7 @@
 """Synthetic GGUF files for tests: a real GGUF v3 header followed by deterministic filler.
 
-Not loadable by llama.cpp (no tensors, no metadata), but looks like GGUF to anything sniffing magic.
+The header declares one I8 tensor whose data is the filler, so the file is structurally whole
+(a cut copy fails the store's check) though llama.cpp cannot load it (no architecture).
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ from collections.abc import Iterator
 
 GGUF_MAGIC = b"GGUF"
 HEADER_SIZE = 24  # magic (4) + version (uint32) + tensor_count (uint64) + kv_count (uint64)
+_TENSOR = b"data"
+DATA_OFFSET = 64  # HEADER_SIZE + the tensor info (36 bytes), aligned to 32
 _CHUNK = 8 * 1024 * 1024
 
 
-def _header() -> bytes:
-    return GGUF_MAGIC + struct.pack("<IQQ", 3, 0, 0)
+def _header(size: int) -> bytes:
+    """The header of a `size`-byte file: one I8 tensor over the rest, when there is room for it."""
+    if size <= DATA_OFFSET:
+        return GGUF_MAGIC + struct.pack("<IQQ", 3, 0, 0)
+    dims = struct.pack("<IQIQ", 1, size - DATA_OFFSET, 24, 0)  # 1 dim of n, type I8, offset 0
+    info = struct.pack("<Q", len(_TENSOR)) + _TENSOR + dims
+    head = GGUF_MAGIC + struct.pack("<IQQ", 3, 1, 0) + info
+    return head + b"\0" * (DATA_OFFSET - len(head))
 
 
 def _filler(seed: int, n: int) -> Iterator[bytes]:
@@ -34,7 +43,8 @@ def make_gguf(size: int, seed: int = 0) -> bytes:
     """Return exactly `size` bytes: a GGUF v3 header then `random.Random(seed)` filler."""
     if size < HEADER_SIZE:
         raise ValueError(f"a GGUF needs at least {HEADER_SIZE} bytes, got {size}")
-    return b"".join([_header(), *_filler(seed, size - HEADER_SIZE)])
+    head = _header(size)
+    return b"".join([head, *_filler(seed, size - len(head))])
 
 
 def write_gguf(path: str | os.PathLike[str], size: int, seed: int = 0) -> str:
@@ -43,7 +53,8 @@ def write_gguf(path: str | os.PathLike[str], size: int, seed: int = 0) -> str:
         raise ValueError(f"a GGUF needs at least {HEADER_SIZE} bytes, got {size}")
     digest = hashlib.sha256()
     with open(path, "wb") as f:
-        for chunk in (_header(), *_filler(seed, size - HEADER_SIZE)):
+        head = _header(size)
+        for chunk in (head, *_filler(seed, size - len(head))):
             f.write(chunk)
             digest.update(chunk)
     return digest.hexdigest()

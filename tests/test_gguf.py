@@ -1,13 +1,14 @@
-"""The GGUF header reader that gives the offload planner the real layer count."""
+"""The GGUF header reader: the offload planner's layer count and the store's structural check."""
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
 
+import pytest
 from gguf import make_gguf
 
-from llmlb_node.gguf import block_count
+from llmlb_node.gguf import GGUFError, block_count, check_complete, read_header
 
 
 def _s(text: str) -> bytes:
@@ -62,3 +63,132 @@ def test_unknown_when_absent_or_not_a_gguf(tmp_path: Path) -> None:
     assert block_count(html) is None
     assert block_count(truncated) is None
     assert block_count(tmp_path / "missing.gguf") is None
+
+
+# ------------------------------------------------------------------ structure: header and extent
+def _tensor(name: str, shape: tuple[int, ...], ggml_type: int, offset: int) -> bytes:
+    dims = struct.pack(f"<I{len(shape)}Q", len(shape), *shape)
+    return _s(name) + dims + struct.pack("<IQ", ggml_type, offset)
+
+
+def _kv_u32_array(key: str, values: list[int]) -> bytes:
+    body = struct.pack(f"<{len(values)}I", *values)
+    return _s(key) + struct.pack("<I", 9) + struct.pack("<IQ", 4, len(values)) + body
+
+
+def _model(tensors: list[bytes], pairs: list[bytes], alignment: int = 32, data: int = 0) -> bytes:
+    """A GGUF with these tensor infos and key/values, padded to `alignment`, then `data` bytes."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(pairs)) + b"".join(pairs)
+    head += b"".join(tensors)
+    head += b"\0" * (-len(head) % alignment)
+    return head + bytes(data)
+
+
+def test_read_header_gives_metadata_tensors_and_the_data_extent(tmp_path: Path) -> None:
+    # 256 Q4_K elements = 1 block of 144 bytes; 10 F32 = 40 bytes at offset 160 (aligned to 32).
+    data = _model(
+        [_tensor("blk.0.w", (256,), 12, 0), _tensor("out", (5, 2), 0, 160)],
+        [
+            _kv_string("general.architecture", "gemma3"),
+            _kv_u32("gemma3.block_count", 18),
+            _kv_string_array("tokenizer.ggml.tokens", ["<s>", "a", "bc"]),
+            _kv_u32_array("gemma3.attention.head_count_kv", [1, 1, 2]),
+            _kv_f32_array("tokenizer.ggml.scores", 5000),
+        ],
+        data=200,
+    )
+    path = tmp_path / "m.gguf"
+    path.write_bytes(data)
+
+    header = read_header(path)
+
+    assert header.version == 3
+    assert header.architecture == "gemma3"
+    assert header.arch_field("block_count") == 18
+    assert header.metadata["gemma3.attention.head_count_kv"] == (1, 1, 2)
+    assert "tokenizer.ggml.tokens" not in header.metadata  # string arrays are skipped...
+    assert header.array_lengths["tokenizer.ggml.tokens"] == 3  # ...their length is kept
+    assert "tokenizer.ggml.scores" not in header.metadata  # long arrays too
+    assert header.array_lengths["tokenizer.ggml.scores"] == 5000
+    assert [(t.name, t.shape, t.type, t.offset, t.size) for t in header.tensors] == [
+        ("blk.0.w", (256,), 12, 0, 144),
+        ("out", (5, 2), 0, 160, 40),
+    ]
+    assert header.data_offset == len(data) - 200
+    assert header.data_offset % 32 == 0
+    assert header.data_end == header.data_offset + 200
+    assert check_complete(path).data_end == len(data)
+
+
+def test_alignment_comes_from_general_alignment(tmp_path: Path) -> None:
+    data = _model(
+        [_tensor("w", (64,), 24, 0)],
+        [_s("general.alignment") + struct.pack("<II", 4, 256)],
+        alignment=256,
+        data=64,
+    )
+    path = tmp_path / "m.gguf"
+    path.write_bytes(data)
+    header = read_header(path)
+    assert header.alignment == 256
+    assert header.data_offset == 256
+    assert header.data_end == 320 == len(data)
+
+
+def test_a_file_shorter_than_its_declared_data_names_both_sizes(tmp_path: Path) -> None:
+    whole = make_gguf(262_144, seed=1)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(whole[:100_000])
+    with pytest.raises(GGUFError, match=r"m.gguf: truncated.* 262144 .* 100000"):
+        check_complete(path)
+
+
+def test_trailing_bytes_past_the_declared_data_are_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(make_gguf(5000) + b"trailing")
+    assert check_complete(path).data_end == 5000
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"<!DOCTYPE html><html></html>", "not a GGUF"),
+        (b"GGUF" + struct.pack("<I", 1), "version 1"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 1 << 40, 0), "truncated"),  # absurd tensor count
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _s("k") + struct.pack("<I", 77), "type 77"),
+        (_gguf(_kv_string_array("t", ["a"] * 1000))[:-500], "truncated"),  # cut inside an array
+        (_model([_tensor("w", (1 << 40,), 24, 0)], [])[:-1], "truncated"),  # cut in the header
+        (_model([_tensor("w", (100,), 2, 0)], []), "blocks of 32"),  # Q4_0 needs whole blocks
+        (_model([], [_s("general.alignment") + struct.pack("<II", 4, 48)]), "power of two"),
+    ],
+)
+def test_malformed_headers_are_refused(tmp_path: Path, data: bytes, message: str) -> None:
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    with pytest.raises(GGUFError, match=message):
+        check_complete(path)
+
+
+def test_huge_declared_tensor_is_caught_by_the_extent(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_model([_tensor("w", (1 << 40,), 24, 0)], [], data=10))
+    with pytest.raises(GGUFError, match="truncated"):
+        check_complete(path)
+
+
+def test_an_unknown_ggml_type_does_not_fail_the_check(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_model([_tensor("w", (8,), 200, 0)], [], data=8))
+    header = check_complete(path)
+    assert header.tensors[0].size is None
+
+
+def test_the_test_builder_makes_structurally_whole_files(tmp_path: Path) -> None:
+    for size in (24, 64, 65, 1000, 3 * 1024 * 1024 + 7):
+        path = tmp_path / f"{size}.gguf"
+        path.write_bytes(make_gguf(size))
+        assert check_complete(path).data_end <= size
+        if size > 64:
+            path.write_bytes(make_gguf(size)[:-1])
+            with pytest.raises(GGUFError, match="truncated"):
+                check_complete(path)
