@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
 
+    p = sub.add_parser("serve", help="run the OpenAI-compatible inference node")
+    p.add_argument("--host", help="address to listen on (LLMLB_NODE_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (LLMLB_NODE_PORT, default 8080)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("backend", help="rebuild llama-cpp-python for a GPU backend")
     bsub = p.add_subparsers(dest="backend_command", required=True, metavar="ACTION")
     bp = bsub.add_parser("install", help="pip-reinstall llama-cpp-python with a CMake preset")
@@ -232,6 +237,38 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
     return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    missing = _missing_module("starlette", "uvicorn")
+    if missing:
+        _err(
+            f"error: `llmlb-node serve` needs the server extra ({missing} is not installed): "
+            "pip install 'llmlb-node[server]'"
+        )
+        return EXIT_USAGE
+    from .server import ServerSettings, serve
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = ServerSettings.from_env(**overrides)
+    if not args.verbose:
+        logging.getLogger("llmlb_node").setLevel(logging.INFO)
+    logging.getLogger().handlers[0].setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    serve(settings)
+    return EXIT_OK
+
+
+def _missing_module(*names: str) -> str | None:
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return name
+    return None
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -1,0 +1,27 @@
+"""`llmlb-node serve`: an OpenAI-compatible inference node over LazyLlama and ModelResolver.
+
+Needs the ``server`` extra (Starlette, uvicorn); importing `llmlb_node` alone never loads it.
+"""
+
+from __future__ import annotations
+
+from .settings import ServerSettings
+
+__all__ = ["ServerSettings", "serve"]
+
+
+def serve(settings: ServerSettings) -> None:
+    """Run the node in the foreground until SIGINT/SIGTERM (uvicorn's signal handling)."""
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=False,  # ours (llmlb_node.server.access) names the model and the tokens
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+    )

@@ -1,0 +1,311 @@
+"""The node's HTTP surface: the route table, the error table, and the lifespan that owns the pool.
+
+Handlers validate, wait for the pool and shape answers; the pool owns every model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import (
+    CatalogError,
+    InsufficientDiskSpaceError,
+    IntegrityError,
+    LlmlbError,
+    ModelDownloadError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
+from . import inference, models, openai
+from .errors import (
+    ContextLengthExceededError,
+    GenerationCancelledError,
+    InvalidRequestError,
+    ModelLoadingError,
+    ServerBusyError,
+    UnauthorizedError,
+)
+from .pool import Lease, ModelPool, describe
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("llmlb_node.server.access")
+
+# Our exception tree -> (HTTP status, OpenAI error type, code). The most specific class wins.
+ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
+    UnsupportedModelError: (404, "invalid_request_error", "model_not_found"),
+    ContextLengthExceededError: (400, "invalid_request_error", "context_length_exceeded"),
+    InvalidRequestError: (400, "invalid_request_error", None),
+    UnauthorizedError: (401, "invalid_request_error", "invalid_api_key"),
+    ServerBusyError: (429, "server_error", "server_busy"),
+    ModelDownloadError: (502, "server_error", "download_failed"),
+    IntegrityError: (502, "server_error", "download_failed"),
+    InsufficientDiskSpaceError: (507, "server_error", "insufficient_storage"),
+    ModelLoadError: (500, "server_error", "model_load_failed"),
+    ModelLoadingError: (503, "server_error", "model_loading"),
+    GenerationCancelledError: (499, "server_error", "client_closed_request"),
+    CatalogError: (500, "server_error", "catalog_error"),
+    LlmlbError: (500, "server_error", "internal_error"),
+}
+FIRST_WAIT = 2.0  # a stream waits this long for its model before committing to 200 + comments
+
+
+def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, OpenAI error body and headers for one of our exceptions."""
+    status, type_, code = next(
+        (ERRORS[c] for c in type(exc).__mro__ if c in ERRORS), (500, "server_error", None)
+    )
+    param = getattr(exc, "param", None)
+    if isinstance(exc, UnsupportedModelError):
+        param = "model"
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return status, openai.error_body(_message(exc), type_, code, param), headers
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, ModelDownloadError):  # one line per source: kind and message
+        causes = "; ".join(f"{f.source}: [{f.kind}] {f.message}" for f in exc.failures)
+        return f"could not download model {exc.model_id!r}; every source failed: {causes}"
+    return str(exc)
+
+
+async def on_error(request: Request, exc: Exception) -> Response:
+    status, body, headers = error_payload(exc)
+    if status >= 500 and status != 503:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(body, status, headers=headers)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = "not_found" if exc.status_code == 404 else None
+    body = openai.error_body(str(exc.detail), "invalid_request_error", code)
+    return JSONResponse(body, exc.status_code, headers=exc.headers)
+
+
+# -- handlers --------------------------------------------------------------------------------
+async def chat_completions(request: Request) -> Response:
+    parsed = openai.parse_chat(openai.parse_json(await request.body()))
+    return await _generate(request, parsed, "create_chat_completion")
+
+
+async def completions(request: Request) -> Response:
+    parsed = openai.parse_completion(openai.parse_json(await request.body()))
+    return await _generate(request, parsed, "create_completion")
+
+
+async def embeddings(request: Request) -> Response:
+    parsed = openai.parse_embedding(openai.parse_json(await request.body()))
+    request.state.model = parsed.model
+    pool: ModelPool = request.state.pool
+    async with pool.ready(parsed.model, embedding=True, keep_alive=parsed.keep_alive) as lease:
+        call = functools.partial(inference.embed, lease.llm, parsed.kwargs, parsed.model)
+        result = await _unless_disconnected(request, lease.run(call))
+    request.state.tokens = (result.get("usage") or {}).get("total_tokens")
+    return JSONResponse(openai.embeddings_response(result, parsed.model, parsed.encoding_format))
+
+
+async def list_models(request: Request) -> Response:
+    pool: ModelPool = request.state.pool
+    data = await asyncio.to_thread(models.model_list, pool, request.state.started)
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> Response:
+    pool: ModelPool = request.state.pool
+    model_id = request.path_params["model_id"]
+    await pool.check_known(model_id)
+    info = await asyncio.to_thread(models.model_info, pool, model_id, request.state.started)
+    return JSONResponse(info)
+
+
+async def model_status(request: Request) -> Response:
+    pool: ModelPool = request.state.pool
+    model_id = request.path_params["model_id"]
+    await pool.check_known(model_id)
+    status = await pool.status(model_id)
+    return JSONResponse({**status.to_dict(), "state": pool.state(model_id).value})
+
+
+async def supported_models(request: Request) -> Response:
+    pool: ModelPool = request.state.pool
+    return JSONResponse(await asyncio.to_thread(models.supported_models, pool))
+
+
+# -- generation ------------------------------------------------------------------------------
+async def _generate(request: Request, parsed: openai.ParsedRequest, method: str) -> Response:
+    request.state.model = parsed.model
+    pool: ModelPool = request.state.pool
+    lease = await pool.admit(parsed.model, keep_alive=parsed.keep_alive)
+    if parsed.stream:
+        return await _start_stream(request, lease, parsed, method)
+    try:
+        await lease.wait()
+        call = functools.partial(inference.call, lease.llm, method, parsed.kwargs, parsed.model)
+        result = await _unless_disconnected(request, lease.run(call))
+    finally:
+        lease.release()
+    request.state.tokens = (result.get("usage") or {}).get("completion_tokens")
+    return JSONResponse(result)
+
+
+async def _start_stream(
+    request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str
+) -> Response:
+    try:  # errors known at once (a failed download, a full queue) keep their HTTP status
+        await lease.wait(FIRST_WAIT)
+    except BaseException:
+        lease.release()
+        raise
+    events = _events(request, lease, parsed, method)
+    return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _events(
+    request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str
+) -> AsyncIterator[str]:
+    pool: ModelPool = request.state.pool
+    tokens = 0
+    try:
+        while not await lease.wait(pool.settings.heartbeat):
+            status = await pool.status(parsed.model)
+            yield openai.sse_comment(describe(status, pool.state(parsed.model)))
+        call = functools.partial(inference.stream, lease.llm, method, parsed.kwargs, parsed.model)
+        async for chunk in lease.stream(call):
+            tokens += 1
+            yield openai.sse(chunk)
+    except LlmlbError as exc:  # the status line is gone: an error event, then the end
+        yield openai.sse(error_payload(exc)[1])
+    finally:
+        request.state.tokens = tokens
+        lease.release()
+    yield openai.sse("[DONE]")
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        raise GenerationCancelledError(f"client closed {request.url.path} before the answer")
+    return task.result()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- middleware ------------------------------------------------------------------------------
+class BearerAuth:
+    """Every route requires ``Authorization: Bearer <LLMLB_NODE_API_KEY>`` when it is set."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.expected is None or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        exc = UnauthorizedError("missing or wrong API key: send Authorization: Bearer <key>")
+        status, body, _ = error_payload(exc)
+        headers = {"WWW-Authenticate": "Bearer"}
+        await JSONResponse(body, status, headers=headers)(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, self.expected or b"")
+
+
+class AccessLog:
+    """One line per request: method, path, model, status, latency, tokens."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            state = scope.get("state") or {}
+            access_log.info(
+                "%s %s model=%s status=%s latency=%.1fms tokens=%s",
+                scope["method"],
+                scope["path"],
+                state.get("model", "-"),
+                status or 499,
+                (time.perf_counter() - started) * 1000,
+                state.get("tokens", "-"),
+            )
+
+
+# -- the app ---------------------------------------------------------------------------------
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model_id}", get_model, methods=["GET"]),
+    Route("/v0/models/{model_id}/status", model_status, methods=["GET"]),
+    Route("/v0/supported-models", supported_models, methods=["GET"]),
+]
+
+
+def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = None) -> Starlette:
+    """The node's ASGI app; its lifespan creates the model pool (or uses `pool`)."""
+    settings = settings or ServerSettings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        own = pool or ModelPool(settings)
+        await asyncio.to_thread(lambda: own.resolver.catalog)  # parse it once, off the loop
+        try:
+            yield {"pool": own, "started": int(time.time())}
+        finally:
+            await own.close()
+
+    return Starlette(
+        routes=routes,
+        exception_handlers={LlmlbError: on_error, HTTPException: on_http_error},
+        middleware=[Middleware(AccessLog), Middleware(BearerAuth, api_key=settings.api_key)],
+        lifespan=lifespan,
+    )

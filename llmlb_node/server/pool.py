@@ -1,0 +1,482 @@
+"""Loaded models: one slot per model with named states, residency, FIFO turns and keep-alive.
+
+Handlers only ``async with pool.ready(model_id) as lease``; every state check lives in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
+from typing import Any
+
+from ..errors import LlmlbError
+from ..lazy import LazyLlama
+from ..resolver import ModelResolver, ModelStatus
+from ..units import human_bytes
+from .errors import GenerationCancelledError, ModelLoadingError, ServerBusyError
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+_LLAMA_POOLING_MEAN = 1  # llama_cpp.LLAMA_POOLING_TYPE_MEAN, without importing llama_cpp here
+
+
+class SlotState(Enum):
+    """Where one model is in its life on this node."""
+
+    UNLOADED = "unloaded"
+    LOADING = "loading"  # resolving (maybe downloading), then llama.cpp loading
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"  # the last load failed; answered from memory for a short while
+
+
+TRANSITIONS: dict[SlotState, frozenset[SlotState]] = {
+    SlotState.UNLOADED: frozenset({SlotState.LOADING}),
+    SlotState.LOADING: frozenset({SlotState.READY, SlotState.FAILED}),
+    SlotState.READY: frozenset({SlotState.UNLOADING}),
+    SlotState.UNLOADING: frozenset({SlotState.UNLOADED}),
+    SlotState.FAILED: frozenset({SlotState.LOADING, SlotState.UNLOADED}),
+}
+_RESIDENT = frozenset({SlotState.LOADING, SlotState.READY, SlotState.UNLOADING})
+
+
+class Slot:
+    """One model (or its embedding context) on this node: its state and who is using it."""
+
+    def __init__(self, model_id: str, embedding: bool, llm: LazyLlama, keep_alive: float) -> None:
+        self.model_id = model_id
+        self.embedding = embedding
+        self.llm = llm
+        self.state = SlotState.UNLOADED
+        self.error: BaseException | None = None
+        self.failed_at = 0.0
+        self.users = 0
+        """Admitted requests not finished yet (waiting, queued or running)."""
+        self.waiting = 0
+        """Admitted requests that do not hold the model's turn yet."""
+        self.turn = asyncio.Lock()  # FIFO: asyncio wakes waiters in arrival order
+        self.cancel = threading.Event()
+        """Set when the running request's client went away: its generation stops at once."""
+        self.last_used = time.monotonic()
+        self.keep_alive = keep_alive
+        self.timer: asyncio.TimerHandle | None = None
+        self.load_task: asyncio.Task[None] | None = None
+
+    def move(self, new: SlotState) -> None:
+        """Change state along `TRANSITIONS`; anything else is a bug in this module."""
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"{self}: {self.state.value} -> {new.value} is not allowed")
+        log.debug("%s: %s -> %s", self, self.state.value, new.value)
+        self.state = new
+
+    def __str__(self) -> str:
+        return f"{self.model_id} (embeddings)" if self.embedding else self.model_id
+
+
+class Lease:
+    """One request's claim on one model: admitted, then waiting, then holding the model's turn.
+
+    `release()` is synchronous and safe to call from a cancelled task: if a worker thread is
+    still running for this lease, the turn passes on when that thread returns.
+    """
+
+    def __init__(self, pool: ModelPool, slot: Slot, keep_alive: float, deadline: float) -> None:
+        self._pool = pool
+        self._slot = slot
+        self.keep_alive = keep_alive
+        self._deadline = deadline
+        self._task: asyncio.Task[None] | None = None
+        self._worker: asyncio.Future[Any] | None = None
+        self._held = False
+        self._released = False
+
+    @property
+    def llm(self) -> LazyLlama:
+        return self._slot.llm
+
+    @property
+    def model_id(self) -> str:
+        return self._slot.model_id
+
+    async def wait(self, step: float | None = None) -> bool:
+        """Wait up to `step` seconds for the model's turn; True once this request holds it.
+
+        Raises the load's error, or `ModelLoadingError` once LLMLB_LOAD_WAIT has passed while
+        the model is still downloading or loading (the load goes on for the next request).
+        """
+        if self._held:
+            return True
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._pool._take_turn(self._slot))
+        loop = asyncio.get_running_loop()
+        timeout = step
+        loading = self._slot.state is not SlotState.READY
+        if loading:
+            left = max(0.0, self._deadline - loop.time())
+            timeout = left if step is None else min(step, left)
+        await asyncio.wait({self._task}, timeout=timeout)
+        if self._task.done():
+            self._task.result()  # the load's error, if it failed
+            self._held = True
+            self._slot.waiting -= 1
+            self._slot.cancel.clear()
+            return True
+        if loading and loop.time() >= self._deadline:
+            raise await self._pool.loading_error(self._slot.model_id)
+        return False
+
+    async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` in a worker thread; cancelling stops it at the next token."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *args, **kwargs)
+        self._worker = loop.run_in_executor(self._pool.executor, call)
+        try:
+            return await asyncio.shield(self._worker)
+        except asyncio.CancelledError:
+            self._slot.cancel.set()
+            raise
+
+    async def stream(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """Iterate ``fn(*args, **kwargs)`` in a worker thread, yielding its items here.
+
+        Leaving the loop early (a client that disconnects) stops the generation before the
+        next token and closes the stream in its own thread.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
+        cancel = self._slot.cancel
+        put = functools.partial(loop.call_soon_threadsafe, queue.put_nowait)
+
+        def pump() -> None:
+            try:
+                for item in _closing(fn(*args, **kwargs)):
+                    if cancel.is_set():
+                        return
+                    put((item, None))
+            except BaseException as exc:  # handed to the event loop, raised there
+                put((_END, exc))
+            else:
+                put((_END, None))
+
+        self._worker = loop.run_in_executor(self._pool.executor, pump)
+        try:
+            while True:
+                item, exc = await queue.get()
+                if item is _END:
+                    if exc is not None:
+                        raise exc
+                    return
+                yield item
+        finally:
+            if not self._worker.done():
+                cancel.set()
+
+    def release(self) -> None:
+        """Give the turn to the next request (after this request's worker thread returns)."""
+        if self._released:
+            return
+        self._released = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            task.add_done_callback(lambda _: self._after_wait())
+        else:
+            self._after_wait()
+
+    def _after_wait(self) -> None:
+        worker = self._worker
+        if worker is not None and not worker.done():
+            self._slot.cancel.set()  # the request is over: its generation stops now
+            worker.add_done_callback(lambda _: self._finish())
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        task, slot = self._task, self._slot
+        acquired = task is not None and not task.cancelled() and task.exception() is None
+        if acquired:
+            if not self._held:  # the turn arrived after the wait gave up on it
+                slot.waiting -= 1
+            slot.turn.release()
+        else:
+            slot.waiting -= 1
+        self._pool._finished(slot)
+
+
+_END = object()
+
+
+def _closing(items: Iterator[Any]) -> Iterator[Any]:
+    """Iterate `items`, closing it (in this thread) however the loop ends."""
+    try:
+        yield from items
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
+
+def _install_cancel_hook(llama: Any, cancel: threading.Event) -> None:
+    """Make generation stop at the next token once `cancel` is set.
+
+    llama-cpp-python's chat handlers take no stopping criteria, but every generated token goes
+    through ``Llama.eval``: an exception there ends the call (streaming or not) cleanly.
+    """
+    evaluate = llama.eval
+
+    def eval_unless_cancelled(tokens: Any) -> Any:
+        if cancel.is_set():
+            raise GenerationCancelledError("the client went away; generation stopped")
+        return evaluate(tokens)
+
+    llama.eval = eval_unless_cancelled
+
+
+class ModelPool:
+    """The models this node serves: at most LLMLB_MAX_LOADED_MODELS loaded, one turn at a time."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        resolver: ModelResolver | None = None,
+        llama_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver or ModelResolver(settings.library)
+        self.llama_kwargs = {"n_ctx": settings.n_ctx, "verbose": False, **(llama_kwargs or {})}
+        workers = 4 * settings.max_loaded_models + 4  # a load, a generation, a close per model
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="llmlb-model")
+        self._slots: dict[tuple[str, bool], Slot] = {}
+        self._changed = asyncio.Condition()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- what handlers use ----------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def ready(
+        self, model_id: str, *, embedding: bool = False, keep_alive: float | None = None
+    ) -> AsyncIterator[Lease]:
+        """Wait for the model (downloading and loading it if needed) and hold its turn."""
+        lease = await self.admit(model_id, embedding=embedding, keep_alive=keep_alive)
+        try:
+            await lease.wait()
+            yield lease
+        finally:
+            lease.release()
+
+    async def admit(
+        self, model_id: str, *, embedding: bool = False, keep_alive: float | None = None
+    ) -> Lease:
+        """Queue a request for `model_id`: `UnsupportedModelError` or `ServerBusyError` at once."""
+        await self.check_known(model_id)
+        slot = self._slot(model_id, embedding)
+        if slot.waiting >= self.settings.max_queue:
+            raise ServerBusyError(
+                f"model {model_id!r} has {slot.waiting} requests waiting "
+                f"(LLMLB_MAX_QUEUE={self.settings.max_queue}); retry shortly",
+                retry_after=1,
+            )
+        slot.users += 1
+        slot.waiting += 1
+        slot.keep_alive = self.settings.keep_alive if keep_alive is None else keep_alive
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+        deadline = asyncio.get_running_loop().time() + self.settings.load_wait
+        return Lease(self, slot, slot.keep_alive, deadline)
+
+    def loaded(self) -> set[str]:
+        """Ids of the models loaded now (from memory: never waits)."""
+        return {s.model_id for s in self._slots.values() if s.state is SlotState.READY}
+
+    def state(self, model_id: str) -> SlotState:
+        """The model's generation slot state (`UNLOADED` if never asked for)."""
+        slot = self._slots.get((model_id, False))
+        return SlotState.UNLOADED if slot is None else slot.state
+
+    async def status(self, model_id: str) -> ModelStatus:
+        """The model's download status (ModelResolutionStatus), read in a worker thread."""
+        return await asyncio.to_thread(self.resolver.status, model_id)  # type: ignore[arg-type]
+
+    async def loading_error(self, model_id: str) -> ModelLoadingError:
+        """A 503 for a request that waited LLMLB_LOAD_WAIT: progress and a Retry-After."""
+        status = await self.status(model_id)
+        retry = 5
+        if status.bytes_per_s > 0 and status.total_bytes:
+            left = (status.total_bytes - status.downloaded_bytes) / status.bytes_per_s
+            retry = int(min(60, max(1, left)))
+        return ModelLoadingError(
+            f"model {model_id!r} is still {describe(status, self.state(model_id))} after "
+            f"{self.settings.load_wait:g}s (LLMLB_LOAD_WAIT); the download goes on, retry later",
+            retry_after=retry,
+        )
+
+    async def close(self) -> None:
+        """Unload every model and stop the worker threads."""
+        for slot in self._slots.values():
+            if slot.timer is not None:
+                slot.timer.cancel()
+        for task in list(self._background):
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        for slot in self._slots.values():
+            if slot.state is SlotState.READY:
+                await loop.run_in_executor(self.executor, slot.llm.close)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- turns and loading ------------------------------------------------------------------
+    async def check_known(self, model_id: str) -> None:
+        catalog = self.resolver.catalog
+        if catalog.find(model_id) is not None:
+            return
+        if await asyncio.to_thread(self.resolver.installed, model_id) is None:
+            catalog.get(model_id)  # UnsupportedModelError naming up to three close ids
+
+    def _slot(self, model_id: str, embedding: bool) -> Slot:
+        slot = self._slots.get((model_id, embedding))
+        if slot is None:
+            kwargs = dict(self.llama_kwargs)
+            if embedding:
+                kwargs.update(embedding=True, pooling_type=_LLAMA_POOLING_MEAN)
+            llm = LazyLlama(model_id, resolver=self.resolver, **kwargs)
+            slot = self._slots[(model_id, embedding)] = Slot(
+                model_id, embedding, llm, self.settings.keep_alive
+            )
+        return slot
+
+    async def _take_turn(self, slot: Slot) -> None:
+        while True:
+            await self._until_ready(slot)
+            await slot.turn.acquire()
+            if slot.state is SlotState.READY:
+                return
+            slot.turn.release()
+
+    async def _until_ready(self, slot: Slot) -> None:
+        async with self._changed:
+            while slot.state is not SlotState.READY:
+                if slot.state is SlotState.FAILED and self._recent_failure(slot):
+                    assert slot.error is not None
+                    raise slot.error
+                if slot.state in (SlotState.UNLOADED, SlotState.FAILED) and not slot.load_task:
+                    slot.load_task = asyncio.create_task(self._load(slot))
+                await self._changed.wait()
+
+    def _recent_failure(self, slot: Slot) -> bool:
+        return time.monotonic() - slot.failed_at < self.settings.failure_ttl
+
+    async def _load(self, slot: Slot) -> None:
+        try:
+            await self._make_room(slot)
+            await self._move(slot, SlotState.LOADING)
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self.executor, self._load_blocking, slot)
+            except Exception as exc:
+                log.warning("%s: load failed: %s", slot, exc)
+                slot.error = exc if isinstance(exc, LlmlbError) else _load_error(slot, exc)
+                slot.failed_at = time.monotonic()
+                await self._move(slot, SlotState.FAILED)
+            else:
+                slot.error = None
+                await self._move(slot, SlotState.READY)
+        finally:
+            slot.load_task = None
+
+    @staticmethod
+    def _load_blocking(slot: Slot) -> None:
+        llama = slot.llm.load()
+        _install_cancel_hook(llama, slot.cancel)
+
+    async def _make_room(self, slot: Slot) -> None:
+        """Unload least recently used idle models until `slot` fits; wait while none is idle."""
+        while True:
+            async with self._changed:
+                victim = None
+                while victim is None:
+                    resident = [
+                        s for s in self._slots.values() if s is not slot and s.state in _RESIDENT
+                    ]
+                    if len(resident) < self.settings.max_loaded_models:
+                        return
+                    idle = [s for s in resident if s.state is SlotState.READY and not s.users]
+                    if idle:
+                        victim = min(idle, key=lambda s: s.last_used)
+                    else:
+                        await self._changed.wait()
+                log.info("%s: unloading (least recently used) to load %s", victim, slot)
+                victim.move(SlotState.UNLOADING)
+                self._changed.notify_all()
+            await self._unload(victim)
+
+    async def _unload(self, slot: Slot) -> None:
+        """Close a slot already moved to UNLOADING, then mark it UNLOADED."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, slot.llm.close)
+        finally:
+            await self._move(slot, SlotState.UNLOADED)
+
+    async def _move(self, slot: Slot, state: SlotState) -> None:
+        async with self._changed:
+            slot.move(state)
+            self._changed.notify_all()
+
+    # -- keep-alive ---------------------------------------------------------------------------
+    def _finished(self, slot: Slot) -> None:
+        """A request let go of `slot`: wake waiters and start the idle timer if it was the last."""
+        slot.users -= 1
+        slot.last_used = time.monotonic()
+        self._spawn(self._notify())
+        if slot.users or slot.keep_alive < 0:
+            return
+        if slot.timer is not None:
+            slot.timer.cancel()
+        loop = asyncio.get_running_loop()
+        slot.timer = loop.call_later(slot.keep_alive, self._spawn, self._expire(slot))
+
+    async def _expire(self, slot: Slot) -> None:
+        async with self._changed:
+            if slot.state is not SlotState.READY or slot.users:
+                return
+            log.info("%s: idle for %gs (keep_alive): unloading", slot, slot.keep_alive)
+            slot.move(SlotState.UNLOADING)
+            self._changed.notify_all()
+        await self._unload(slot)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _load_error(slot: Slot, exc: BaseException) -> LlmlbError:
+    from ..errors import ModelLoadError
+
+    error = ModelLoadError(f"could not load model {slot.model_id!r}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def describe(status: ModelStatus, state: SlotState) -> str:
+    """What a waiting request is waiting for, e.g. ``downloading 45% (113 MB / 253 MB)``."""
+    if status.status == "downloading":
+        total = f" / {human_bytes(status.total_bytes)}" if status.total_bytes else ""
+        return f"downloading {status.progress:.0%} ({human_bytes(status.downloaded_bytes)}{total})"
+    if status.status == "waiting":
+        return "waiting for a download slot"
+    if state is SlotState.READY:
+        return "queued behind other requests"
+    return "loading"

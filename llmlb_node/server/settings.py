@@ -1,0 +1,93 @@
+"""The node's settings: the LLMLB_NODE_* and pool variables, on top of the library's `Settings`.
+
+Read once at start-up by `llmlb-node serve`; tests build them with `ServerSettings.from_env(env)`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..settings import Settings
+
+_DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object, name: str = "keep_alive") -> float:
+    """Seconds from ``300``, ``"30s"``, ``"5m"``, ``"1h"``; negative means forever (``-1``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a duration like '5m', 30 or -1, not {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"{name} must be a duration like '5m', '30s', 0 or -1, not {value!r}")
+    return -1.0 if seconds < 0 else seconds
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `llmlb-node serve` reads from the environment."""
+
+    library: Settings
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = field(default=None, repr=False)
+    max_queue: int = 32
+    """Requests waiting per model (beyond the one running) before 429 server_busy."""
+    max_loaded_models: int = 2
+    keep_alive: float = 300.0
+    """Seconds an idle model stays loaded; 0 unloads after each request, -1 never."""
+    load_wait: float = 300.0
+    """Seconds a request waits for download + load before 503 model_loading."""
+    failure_ttl: float = 10.0
+    """Seconds a failed download or load is answered from memory before the next retry."""
+    n_ctx: int = 4096
+    heartbeat: float = 4.0
+    """Seconds between SSE comment lines while a streaming request waits."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ServerSettings:
+        """Build settings from `env` (default: os.environ); keyword overrides win."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, object] = {
+            "library": Settings.from_env(env),
+            "host": env.get("LLMLB_NODE_HOST") or "127.0.0.1",
+            "port": _int(env, "LLMLB_NODE_PORT", 8080, minimum=0),
+            "api_key": env.get("LLMLB_NODE_API_KEY") or None,
+            "max_queue": _int(env, "LLMLB_MAX_QUEUE", 32, minimum=0),
+            "max_loaded_models": _int(env, "LLMLB_MAX_LOADED_MODELS", 2, minimum=1),
+            "keep_alive": parse_duration(env.get("LLMLB_KEEP_ALIVE") or "5m", "LLMLB_KEEP_ALIVE"),
+            "load_wait": _seconds(env, "LLMLB_LOAD_WAIT", 300.0),
+            "failure_ttl": _seconds(env, "LLMLB_RETRY_FAILED_AFTER", 10.0),
+            "n_ctx": _int(env, "LLMLB_N_CTX", 4096, minimum=0),
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _int(env: Mapping[str, str], key: str, default: int, minimum: int) -> int:
+    value = env.get(key)
+    if not value:
+        return default
+    try:
+        parsed = int(value)
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is not a whole number") from None
+    if parsed < minimum:
+        raise ValueError(f"{key}={value!r} must be at least {minimum}")
+    return parsed
+
+
+def _seconds(env: Mapping[str, str], key: str, default: float) -> float:
+    value = env.get(key)
+    if not value:
+        return default
+    seconds = parse_duration(value, key)
+    if seconds < 0:
+        raise ValueError(f"{key}={value!r} must not be negative")
+    return seconds

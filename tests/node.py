@@ -1,0 +1,138 @@
+"""`llmlb-node serve` as a real subprocess on a free loopback port, for tests and benchmarks.
+
+Started with the caller's environment, stopped by its PID; its log is kept for assertions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class Node:
+    """One running node: its URL, an HTTP helper, and its log."""
+
+    def __init__(self, env: Mapping[str, str], api_key: str | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        self._log_dir = tempfile.mkdtemp(prefix="llmlb-node-log-")
+        self.log_path = os.path.join(self._log_dir, "serve.log")
+        full_env = {**env, "LLMLB_NODE_HOST": "127.0.0.1", "LLMLB_NODE_PORT": str(self.port)}
+        if api_key:
+            full_env["LLMLB_NODE_API_KEY"] = api_key
+        exe = os.path.join(os.path.dirname(sys.executable), "llmlb-node")
+        cmd = [exe, "serve"] if os.path.exists(exe) else [sys.executable, "-m", "llmlb_node.cli"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        self._wait_up()
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def _wait_up(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llmlb-node serve exited {self.proc.returncode}:\n{self.log}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"llmlb-node serve did not listen within {timeout}s:\n{self.log}")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 120.0,
+    ) -> tuple[int, dict[str, str], Any]:
+        """Status, headers and JSON (or text) body; auth header added when the node has a key."""
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        if self.api_key and "Authorization" not in all_headers:
+            all_headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url + path, data, all_headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, dict(resp.headers), _decode(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), _decode(err.read())
+
+    def get(self, path: str, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, body: Any, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
+        return self.request("POST", path, body, **kwargs)
+
+    def loaded(self) -> set[str]:
+        """Ids /v1/models reports as loaded."""
+        status, _, body = self.get("/v1/models")
+        assert status == 200, body
+        return {m["id"] for m in body["data"] if m["loaded"]}
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n{self.log[-4000:]}")
+            time.sleep(0.05)
+
+    @property
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def stop(self) -> int:
+        """SIGINT (uvicorn's clean stop), then SIGKILL if it hangs; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self._log_dir, ignore_errors=True)
+        return self.proc.returncode
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def running_node(
+    env: Mapping[str, str] | None = None, api_key: str | None = None, **settings: str
+) -> Iterator[Node]:
+    """A node with `env` (default: os.environ) plus ``LLMLB_<NAME>`` for each keyword."""
+    full = dict(os.environ if env is None else env)
+    full.update({f"LLMLB_{k.upper()}": str(v) for k, v in settings.items()})
+    node = Node(full, api_key=api_key)
+    try:
+        yield node
+    finally:
+        node.stop()
