@@ -22,9 +22,16 @@ PACKAGED_CATALOG = Path(__file__).with_name("supported_models.json")
 SOURCE_TYPES = ("huggingface", "url", "python-package")
 
 
+MAX_ID_LENGTH = 128  # ids name directories: well inside every filesystem's 255-byte limit
+
+
 def is_valid_id(model_id: str) -> bool:
-    """True when `model_id` can name a directory safely (no separators, no '..')."""
-    return isinstance(model_id, str) and ID_PATTERN.fullmatch(model_id) is not None
+    """True when `model_id` can name a directory safely (no separators, no '..', not too long)."""
+    return (
+        isinstance(model_id, str)
+        and len(model_id) <= MAX_ID_LENGTH
+        and ID_PATTERN.fullmatch(model_id) is not None
+    )
 
 
 def check_id(model_id: str) -> None:

@@ -46,7 +46,8 @@ class InvalidModelIdError(UnsupportedModelError, ValueError):
         self.suggestions = ()
         LlmlbError.__init__(
             self,
-            f"invalid model id {model_id!r}: ids match [A-Za-z0-9][A-Za-z0-9._-]*",
+            f"invalid model id {model_id!r}: ids match [A-Za-z0-9][A-Za-z0-9._-]* "
+            "(at most 128 characters)",
         )
 
 

@@ -17,7 +17,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .store import hostname, read_json, write_atomic
+from .store import (
+    hostname,
+    is_count,
+    is_number,
+    optional_pid,
+    optional_time,
+    read_json,
+    report_malformed,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +265,39 @@ def write_status_file(path: Path, event: ProgressEvent, started_at: float) -> No
 
 
 def read_status_file(path: Path) -> dict[str, Any] | None:
-    return read_json(path)
+    """Another process's status, or None if there is none or it is malformed (logged once)."""
+    data = read_json(path)
+    if data is None:
+        return None
+    problem = status_problem(data)
+    if problem is not None:
+        report_malformed(path, problem)
+        return None
+    return data
+
+
+def status_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with a status file's fields, or None."""
+    checks: dict[str, Callable[[Any], bool]] = {
+        "model_id": lambda v: isinstance(v, str),
+        "stage": lambda v: v in STAGES,
+        "filename": lambda v: v is None or isinstance(v, str),
+        "source": lambda v: v is None or isinstance(v, str),
+        "message": lambda v: v is None or isinstance(v, str),
+        "downloaded": lambda v: v is None or is_count(v),
+        "total": lambda v: v is None or is_count(v),
+        "bytes_per_s": lambda v: v is None or (is_number(v) and v >= 0),
+        "stalled": lambda v: v is None or isinstance(v, bool),
+        "pid": optional_pid,
+        "host": lambda v: v is None or isinstance(v, str),
+        "started_at": optional_time,
+        "updated_at": optional_time,
+    }
+    for key, ok in checks.items():
+        value = data.get(key)
+        if not ok(value):
+            return f"{key} is {value!r}"
+    return None
 
 
 def event_from_status(data: dict[str, Any]) -> ProgressEvent:

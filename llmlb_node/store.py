@@ -6,15 +6,20 @@ Layout (ids never start with '.', so bookkeeping cannot collide with a model)::
     <models>/<id>/.<name>.<token>.partial          a download in progress (or interrupted)
     <models>/.llmlb/<id>/install.json              the install record: what was verified
     <models>/.llmlb/<id>/lock, status.json         cross-process lock and live download status
-    <models>/.llmlb/<id>/partials/<partial>.json   how far each partial file got, and against what
+    <models>/.llmlb/<id>/partials/<key>.<token>.json   how far each partial got, against what
+                                                   (key: a hash of the filename: short names)
+
+Bookkeeping files are checked field by field when read: a malformed one is treated as absent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -58,13 +63,28 @@ class InstallRecord:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> InstallRecord:
+        """Parse a record; ValueError saying what is wrong unless every field has its type."""
         data = json.loads(text)
-        return cls(
-            model_id=data["model_id"],
-            files=tuple(InstalledFile(**f) for f in data["files"]),
-            source=data.get("source", "unknown"),
-            installed_at=data.get("installed_at", 0.0),
-        )
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        files = data.get("files")
+        if not isinstance(data.get("model_id"), str):
+            raise ValueError(f"model_id is {data.get('model_id')!r}")
+        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+            raise ValueError(f"files is {files!r}")
+        source, installed_at = data.get("source", "unknown"), data.get("installed_at", 0.0)
+        if not isinstance(source, str) or not is_number(installed_at):
+            raise ValueError(f"source {source!r} or installed_at {installed_at!r}")
+        return cls(data["model_id"], tuple(_installed_file(f) for f in files), source, installed_at)
+
+
+def _installed_file(data: dict[str, Any]) -> InstalledFile:
+    name, size, sha, mtime = (data.get(k) for k in ("filename", "size", "sha256", "mtime_ns"))
+    if not (isinstance(name, str) and name and is_count(size) and _is_int(mtime)):
+        raise ValueError(f"file entry {data!r}")
+    if not (sha is None or isinstance(sha, str)):
+        raise ValueError(f"sha256 is {sha!r}")
+    return InstalledFile(name, size, sha, mtime)
 
 
 @dataclass
@@ -78,6 +98,11 @@ class Partial:
     def save(self) -> None:
         self.meta.update(pid=os.getpid(), host=hostname(), updated_at=time.time())
         write_atomic(self.meta_path, json.dumps(self.meta).encode(), fsync=False)
+
+    @property
+    def done(self) -> int:
+        """Bytes the sidecar says are downloaded."""
+        return sum(s[2] - s[0] for s in self.meta.get("segments", []))
 
     def discard(self) -> None:
         for p in (self.path, self.meta_path):
@@ -141,10 +166,17 @@ class ModelStore:
         return record
 
     def read_record(self, model_id: str) -> InstallRecord | None:
+        """The install record, or None if there is none or it is malformed (logged once)."""
+        path = os.path.join(self._root, META_DIR, model_id, RECORD)
         try:
-            with open(os.path.join(self._root, META_DIR, model_id, RECORD), "rb") as fh:
-                return InstallRecord.from_json(fh.read())
-        except (OSError, ValueError, KeyError, TypeError):
+            with open(path, "rb") as fh:
+                text = fh.read()
+        except OSError:
+            return None
+        try:
+            return InstallRecord.from_json(text)
+        except ValueError as exc:  # json's errors included
+            report_malformed(path, str(exc))
             return None
 
     def verified_files(self, model_id: str, entry: ModelEntry) -> set[str]:
@@ -196,7 +228,7 @@ class ModelStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         name = f".{final.name}.{os.urandom(6).hex()}.partial"
         path = final.parent / name
-        meta_path = self._partials_dir(model_id) / f"{_flat(filename)}.{name}.json"
+        meta_path = self._sidecar_path(model_id, filename, name)
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         partial = Partial(path, meta_path, {"filename": filename})
         # The writer's mark (pid, host, time) exists before the file does, so no other process
@@ -220,16 +252,14 @@ class ModelStore:
         source may resume them); `publish` clears them once the file is installed.
         """
         final = self.file_path(model_id, filename)
-        pdir = self._partials_dir(model_id)
         candidates: list[tuple[int, Path, Path, dict[str, Any]]] = []
         if final.parent.is_dir():
             for path in final.parent.glob(_partial_glob(final.name)):
-                meta_path = pdir / f"{_flat(filename)}.{path.name}.json"
-                meta = read_json(meta_path) or {}
+                meta_path = self._sidecar_path(model_id, filename, path.name)
+                meta = read_sidecar(meta_path) or {}
                 if _owned_by_live_writer(meta, stale_after) or not accept(meta):
                     continue
-                done = sum(int(s[2]) - int(s[0]) for s in meta.get("segments", []))
-                candidates.append((done, path, meta_path, meta))
+                candidates.append((_done(meta), path, meta_path, meta))
         candidates.sort(key=lambda c: c[0], reverse=True)
         fresh = self.new_partial(model_id, filename)
         for _, path, meta_path, meta in candidates:
@@ -249,12 +279,17 @@ class ModelStore:
         pdir = self._partials_dir(model_id)
         best = 0
         for meta_path in pdir.glob(_sidecar_glob(filename)) if pdir.is_dir() else ():
-            meta = read_json(meta_path) or {}
-            best = max(best, sum(int(s[2]) - int(s[0]) for s in meta.get("segments", [])))
+            best = max(best, _done(read_sidecar(meta_path) or {}))
         return best
 
     def _partials_dir(self, model_id: str) -> Path:
         return self.meta_dir(model_id) / "partials"
+
+    def _sidecar_path(self, model_id: str, filename: str, partial_name: str) -> Path:
+        """The sidecar of a partial: named by a hash of the filename and the partial's token,
+        so a 200-character filename still gives a name well under 255 bytes."""
+        token = partial_name.removesuffix(".partial").rpartition(".")[2]
+        return self._partials_dir(model_id) / f"{_file_key(filename)}.{token}.json"
 
     # -- installing -----------------------------------------------------------------------
     def publish(
@@ -303,11 +338,13 @@ class ModelStore:
         final = self.file_path(model_id, filename)
         pdir = self._partials_dir(model_id)
         for path in final.parent.glob(_partial_glob(final.name)):
-            meta = read_json(pdir / f"{_flat(filename)}.{path.name}.json") or {}
+            meta = read_sidecar(self._sidecar_path(model_id, filename, path.name)) or {}
             if not _owned_by_live_writer(meta, stale_after=float("inf")):
                 path.unlink(missing_ok=True)
+        key = _file_key(filename)
         for sidecar in pdir.glob(_sidecar_glob(filename)) if pdir.is_dir() else ():
-            if not (final.parent / sidecar.name[len(_flat(filename)) + 1 : -5]).exists():
+            token = sidecar.name[len(key) + 1 : -len(".json")]
+            if not (final.parent / f".{final.name}.{token}.partial").exists():
                 sidecar.unlink(missing_ok=True)
 
     def _write_record(self, record: InstallRecord) -> None:
@@ -329,7 +366,10 @@ class ModelStore:
         """Delete the model's files, record and partials. True if anything was there."""
         found = False
         model_dir = self.model_dir(model_id)
-        if model_dir.exists():
+        if model_dir.is_symlink():  # a directory kept elsewhere: remove the link, not its target
+            model_dir.unlink()
+            found = True
+        elif model_dir.exists():
             shutil.rmtree(model_dir)
             found = True
         meta = self.meta_dir(model_id)
@@ -364,12 +404,16 @@ def _record_matches_entry(record: InstallRecord, entry: ModelEntry) -> bool:
 
 
 def _owned_by_live_writer(meta: dict[str, Any], stale_after: float) -> bool:
-    pid, host, updated = meta.get("pid"), meta.get("host"), meta.get("updated_at", 0)
+    pid, host, updated = meta.get("pid"), meta.get("host"), meta.get("updated_at") or 0
     if not pid or pid == os.getpid():
         return False
-    if host == hostname() and not pid_alive(int(pid)):
+    if host == hostname() and not pid_alive(pid):
         return False
-    return time.time() - float(updated) < stale_after
+    return time.time() - updated < stale_after
+
+
+def _done(meta: dict[str, Any]) -> int:
+    return sum(s[2] - s[0] for s in meta.get("segments", []))
 
 
 def hostname() -> str:
@@ -393,8 +437,8 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _flat(filename: str) -> str:
-    return filename.replace("/", "__")
+def _file_key(filename: str) -> str:
+    return hashlib.sha256(filename.encode()).hexdigest()[:24]
 
 
 def _partial_glob(name: str) -> str:
@@ -403,16 +447,109 @@ def _partial_glob(name: str) -> str:
 
 
 def _sidecar_glob(filename: str) -> str:
-    return f"{glob.escape(_flat(filename))}.*.json"
+    return f"{_file_key(filename)}.*.json"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
     """A small JSON object from `path`, or None if it is missing, torn or not an object."""
     try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        text = path.read_bytes()
+    except OSError:
         return None
-    return data if isinstance(data, dict) else None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        report_malformed(path, f"not JSON: {exc}")
+        return None
+    if not isinstance(data, dict):
+        report_malformed(path, "not a JSON object")
+        return None
+    return data
+
+
+_REPORTED: set[str] = set()
+
+
+def report_malformed(path: os.PathLike[str] | str, problem: str) -> None:
+    """Log, once per path and process, that a bookkeeping file is ignored and why."""
+    key = os.fspath(path)
+    if key not in _REPORTED:
+        _REPORTED.add(key)
+        log.warning("ignoring malformed %s (%s); treating it as absent", key, problem)
+
+
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    """A partial's progress sidecar, or None if missing or malformed (never trusted half-way)."""
+    meta = read_json(path)
+    if meta is None:
+        return None
+    problem = sidecar_problem(meta)
+    if problem is not None:
+        report_malformed(path, problem)
+        return None
+    return meta
+
+
+def sidecar_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a sidecar's known fields, or None (unknown fields are left alone)."""
+    for key, ok in (
+        ("filename", _opt(str)),
+        ("size", _opt_count),
+        ("validator", _opt(str)),
+        ("source", _opt(str)),
+        ("url_host", _opt(str)),
+        ("host", _opt(str)),
+        ("pid", optional_pid),
+        ("updated_at", optional_time),
+    ):
+        if key in meta and not ok(meta[key]):
+            return f"{key} is {meta[key]!r}"
+    segments = meta.get("segments", [])
+    if not isinstance(segments, list):
+        return f"segments is {segments!r}"
+    size = meta.get("size")
+    for seg in segments:
+        if not (isinstance(seg, list) and len(seg) == 3 and all(_is_int(x) for x in seg)):
+            return f"segment {seg!r} is not [start, end, done]"
+        start, end, done = seg
+        if not (0 <= start <= done and (end == -1 or done <= end)):
+            return f"segment {seg!r} is out of order"
+        if size is not None and max(end, done) > size:
+            return f"segment {seg!r} lies beyond size {size}"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_count(value: object) -> bool:
+    """A non-negative int (not a bool)."""
+    return _is_int(value) and value >= 0  # type: ignore[operator]
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _opt(kind: type) -> Callable[[object], bool]:
+    return lambda value: value is None or isinstance(value, kind)
+
+
+def _opt_count(value: object) -> bool:
+    return value is None or is_count(value)
+
+
+def optional_pid(value: object) -> bool:
+    """None or a positive int."""
+    return value is None or (_is_int(value) and value > 0)  # type: ignore[operator]
+
+
+def optional_time(value: object) -> bool:
+    """None, or a time not in the future (5 minutes of clock skew allowed): a status claiming
+    to be fresh forever would keep others waiting forever."""
+    return value is None or (is_number(value) and value < time.time() + 300)  # type: ignore[operator]
 
 
 def write_atomic(path: Path, data: bytes, *, fsync: bool) -> None:

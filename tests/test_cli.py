@@ -248,6 +248,50 @@ def test_status_ignores_hand_made_directories_with_odd_names(world: World) -> No
     assert [d["model_id"] for d in json.loads(done.stdout)] == ["tiny"]
 
 
+# -- malformed bookkeeping -------------------------------------------------------------------
+def test_malformed_bookkeeping_never_crashes_nor_blocks(world: World) -> None:
+    # Valid JSON, wrong types: a status file, an interrupted partial's sidecar, a record.
+    meta = world.models_dir / ".llmlb" / MODEL_ID
+    (meta / "partials").mkdir(parents=True)
+    status = meta / "status.json"
+    status.write_text(
+        json.dumps(
+            {
+                "model_id": MODEL_ID,
+                "stage": "downloading",
+                "downloaded": 5,
+                "total": "10",
+                "updated_at": "x",
+                "pid": 1,
+                "host": "h",
+            }
+        )
+    )
+    partial = world.installed_path().parent / f".{FILENAME}.0123456789ab.partial"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(world.content[:1000])
+    from llmlb_node.store import ModelStore
+
+    sidecar = ModelStore(world.models_dir)._sidecar_path(MODEL_ID, FILENAME, partial.name)
+    sidecar.write_text(json.dumps({"filename": FILENAME, "segments": [[0]], "size": "10"}))
+    (meta / "install.json").write_text(json.dumps({"model_id": MODEL_ID, "files": [[FILENAME]]}))
+
+    shown = cli("status", MODEL_ID, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["status"] == "missing"
+    assert cli("path", MODEL_ID).returncode == 1
+
+    pulled = cli("pull", MODEL_ID)
+    assert pulled.returncode == 0, pulled.stderr
+    assert world.installed_path().read_bytes() == world.content
+    # Each is logged once per process, with its path.
+    assert shown.stderr.count(str(status)) == 1
+    for path in (sidecar, meta / "install.json"):
+        assert pulled.stderr.count(str(path)) == 1
+    assert not partial.exists() and not sidecar.exists()
+    assert json.loads(cli("status", MODEL_ID, "--json").stdout)["status"] == "completed"
+
+
 # -- failures --------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["pull", "path", "status"])
 def test_unknown_id_exits_3_with_suggestions(world: World, command: str) -> None:

@@ -379,3 +379,26 @@ def test_the_llmlb_key_never_follows_a_redirect_to_another_host(
     finally:
         proxy.close()
         mirror.close()
+
+
+def test_a_128_character_id_with_a_200_character_filename(world: World) -> None:
+    model_id, filename = "i" * 128, "f" * 195 + ".gguf"
+    content = make_gguf(200_000, seed=8)
+    world.add_model(model_id, {filename: content}, repo="test-org/long-GGUF")
+    world.hub.cdn.drop_after(50_000)  # an interrupted first attempt leaves a partial + sidecar
+
+    resolved = world.resolver().resolve(model_id)
+
+    assert resolved.path.name == filename and resolved.path.read_bytes() == content
+    ranges = [r.headers.get("range") for r in world.hub.cdn.requests if r.method == "GET"]
+    assert len(ranges) == 2 and ranges[1].startswith("bytes=50000-")  # resumed, not restarted
+    assert world.resolver().status(model_id).status == "completed"
+    assert world.resolver().remove(model_id) is True
+
+
+def test_a_repo_name_the_hub_refuses_is_a_catalog_error(world: World) -> None:
+    from llmlb_node import CatalogError
+
+    world.add_model("bad-repo", {"b.gguf": make_gguf(1000)}, repo="org/" + "r" * 100)
+    with pytest.raises(CatalogError, match="'bad-repo'"):
+        world.resolver().resolve("bad-repo")

@@ -556,3 +556,116 @@ def test_free_bytes(store: ModelStore, tmp_path: Path) -> None:
 def test_pid_alive(live_pid: int, dead_pid: int) -> None:
     assert pid_alive(os.getpid()) and pid_alive(live_pid)
     assert not pid_alive(dead_pid)
+
+
+# -- malformed bookkeeping: absent, logged once, never a crash -----------------------------
+BAD_RECORDS = [
+    {
+        "model_id": "m",
+        "files": [{"filename": "m.gguf", "size": "10", "sha256": None, "mtime_ns": 1}],
+    },
+    {"model_id": "m", "files": [{"filename": 7, "size": 10, "sha256": None, "mtime_ns": 1}]},
+    {"model_id": "m", "files": [{"filename": "m.gguf", "size": 10, "mtime_ns": "x"}]},
+    {"model_id": "m", "files": [{"filename": "m.gguf", "size": True, "mtime_ns": 1}]},
+    {"model_id": "m", "files": [{"filename": "m.gguf", "size": -1, "mtime_ns": 1}]},
+    {"model_id": "m", "files": [{"filename": "m.gguf", "size": 1, "mtime_ns": 1, "sha256": 5}]},
+    {"model_id": "m", "files": [["m.gguf", 10]]},
+    {"model_id": "m", "files": "m.gguf"},
+    {"model_id": 3, "files": []},
+    {"model_id": "m", "files": [], "installed_at": "x"},
+    {"model_id": "m", "files": [], "source": ["x"]},
+    ["not", "an", "object"],
+]
+
+
+@pytest.mark.parametrize("bad", BAD_RECORDS)
+def test_a_malformed_record_is_absent_and_logged_once(
+    store: ModelStore, bad: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    _install(store)
+    store.record_path("m").write_text(json.dumps(bad))
+
+    for _ in range(3):
+        assert store.read_record("m") is None
+        assert store.lookup("m") is None
+        assert store.verified_files("m", _entry()) == set()
+    assert store.installed_ids() == []
+
+    warnings = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warnings) == 1 and str(store.record_path("m")) in warnings[0]
+    _install(store)  # a new install replaces it
+    assert store.lookup("m") is not None
+
+
+BAD_SIDECARS = [
+    {"segments": [[0]]},
+    {"segments": [[0, 10, "5"]]},
+    {"segments": [[0, 10, 11]]},  # done past the segment's end
+    {"segments": [[5, 10, 2]]},  # done before its start
+    {"segments": [[0, 100, 50]], "size": 10},  # past the file's size
+    {"segments": "0-10"},
+    {"segments": [[0, 10, 5]], "size": "10"},
+    {"segments": [[0, 10, 5]], "updated_at": "x", "pid": 1, "host": "h"},
+    {"segments": [[0, 10, 5]], "pid": "abc"},
+    {"segments": [[0, 10, 5]], "validator": 5},
+    {"segments": [[0, 10, True]]},
+]
+
+
+@pytest.mark.parametrize("bad", BAD_SIDECARS)
+def test_a_malformed_sidecar_is_never_trusted(
+    store: ModelStore, bad: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    odd = _partial(store, b"s" * 5)
+    odd.meta_path.write_text(json.dumps({"filename": "m.gguf", **bad}))
+
+    assert store.partial_bytes("m", "m.gguf") == 0
+    claimed = store.claim_partial("m", "m.gguf", stale_after=60, accept=lambda m: bool(m))
+    assert claimed.path.read_bytes() == b""  # not resumed from what the sidecar claims
+    assert claimed.path != odd.path
+
+    _install(store)  # publishing clears the partial nobody can vouch for
+    assert not odd.path.exists() and not odd.meta_path.exists()
+    warnings = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warnings) == 1 and str(odd.meta_path) in warnings[0]
+
+
+def test_a_sidecar_dated_in_the_future_does_not_hold_a_partial_forever(
+    store: ModelStore, live_pid: int
+) -> None:
+    _partial(store, b"f" * 10, pid=live_pid, age=-10 * 365 * 86400)
+    assert store.claim_partial("m", "m.gguf", stale_after=60).path.read_bytes() == b"f" * 10
+
+
+def test_long_filenames_and_ids_keep_bookkeeping_names_short(store: ModelStore) -> None:
+    model_id = "i" * 128
+    filename = "f" * 195 + ".gguf"  # 200 characters
+    _partial(store, b"half", model_id=model_id, filename=filename)
+    partial = store.claim_partial(model_id, filename, stale_after=60)
+    assert partial.path.read_bytes() == b"half"  # its sidecar was found again by name
+    names = [p.name for p in store.root.rglob("*")]
+    assert max(len(n.encode()) for n in names) < 255
+    assert len(partial.meta_path.name) < 64
+
+    _install(store, model_id, filename)
+    assert store.lookup(model_id) is not None
+    assert store.installed_ids() == [model_id]
+    assert [p.name for p in store.model_dir(model_id).iterdir()] == [filename]  # partials gone
+    assert store.remove(model_id) is True
+    with pytest.raises(InvalidModelIdError):
+        store.model_dir("i" * 129)
+
+
+def test_remove_a_symlinked_model_directory(store: ModelStore, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "big-disk" / "m"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "model.gguf").write_bytes(DATA)
+    store.root.mkdir(parents=True)
+    (store.root / "m").symlink_to(elsewhere, target_is_directory=True)
+    assert store.installed_ids() == ["m"]
+
+    assert store.remove("m") is True
+
+    assert not (store.root / "m").exists() and not (store.root / "m").is_symlink()
+    assert (elsewhere / "model.gguf").read_bytes() == DATA  # the link goes, not its target
+    assert store.installed_ids() == []

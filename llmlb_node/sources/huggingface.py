@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..catalog import ModelEntry, ModelFile
-from ..errors import SourceError
+from ..errors import CatalogError, SourceError
 from ..origin import may_carry_secret
 from ..settings import Settings
 from .base import Remote, Source, check_origin, fail
@@ -40,9 +40,12 @@ class HuggingFaceSource(Source):
             raise fail(self.label, "offline", "HF_HUB_OFFLINE is set: the Hub is not contacted")
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-        url = hf_hub_url(
-            self.repo, file.filename, revision=self.revision, endpoint=settings.hf_endpoint
-        )
+        try:
+            url = hf_hub_url(
+                self.repo, file.filename, revision=self.revision, endpoint=settings.hf_endpoint
+            )
+        except ValueError as exc:  # HFValidationError: not a repo id the Hub accepts
+            raise CatalogError(f"model {entry.id!r}: {exc}") from exc
         check_origin(self.label, url, settings.origin_allowlist)
         token = self._token() if may_carry_secret(url, settings.hf_endpoint) else None
         meta = self._metadata(get_hf_file_metadata, url, token)
