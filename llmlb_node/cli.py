@@ -1,7 +1,9 @@
 """The ``llmlb-node`` command: a thin shell over the library.
 
-Exit codes: 0 ok, 1 other error (not installed, bad catalog, load failure), 2 usage,
-3 unsupported model, 4 download failed, 5 integrity or disk.
+Exit codes: 0 ok, 1 other error (not installed, bad catalog, load failure), 2 usage (command
+line, -o values, environment variables), 3 unsupported model, 4 download failed, 5 integrity
+(also a download whose every tried source failed verification) or disk. 130 on Ctrl-C.
+No input a user can type ends in a Python traceback; ``-v`` adds it to the log.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from .errors import (
     CatalogError,
+    ConfigurationError,
     InsufficientDiskSpaceError,
     IntegrityError,
     LlmlbError,
@@ -25,7 +28,10 @@ from .errors import (
 )
 from .progress import LineProgress, ProgressEvent, TqdmProgress
 from .resolver import ModelResolver
+from .settings import Settings
 from .units import human_bytes
+
+log = logging.getLogger("llmlb_node.cli")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNSUPPORTED, EXIT_DOWNLOAD, EXIT_INTEGRITY = 0, 1, 2, 3, 4, 5
 
@@ -39,25 +45,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command not in ("backend", "doctor"):
+            Settings.from_env()  # a malformed LLMLB_* value: exit 2 now, before any work
         return int(args.func(args) or 0)
-    except UnsupportedModelError as exc:
-        return _fail(exc, EXIT_UNSUPPORTED)
-    except ModelDownloadError as exc:
-        _err(f"error: could not download {exc.model_id!r}; every source failed:")
-        for failure in exc.failures:
-            _err(f"  {failure.source}: [{failure.kind}] {failure.message}")
-        return EXIT_DOWNLOAD
-    except (IntegrityError, InsufficientDiskSpaceError) as exc:
-        return _fail(exc, EXIT_INTEGRITY)
-    except (ModelNotInstalledError, CatalogError, ModelLoadError, LlmlbError) as exc:
-        return _fail(exc, EXIT_ERROR)
-    except ValueError as exc:  # bad settings in the environment, bad -o values
-        return _fail(exc, EXIT_USAGE)
-    except OSError as exc:  # an unwritable or misplaced store: say so, no traceback
-        return _fail(exc, EXIT_ERROR)
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except BaseException as exc:  # noqa: BLE001 - every error becomes one message and a code
+        if isinstance(exc, SystemExit):
+            raise
+        return _fail(exc, _exit_code(exc))
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit code for an error (see the module docstring)."""
+    if isinstance(exc, ConfigurationError):
+        return EXIT_USAGE
+    if isinstance(exc, UnsupportedModelError):
+        return EXIT_UNSUPPORTED
+    if isinstance(exc, ModelDownloadError):
+        return EXIT_INTEGRITY if exc.integrity else EXIT_DOWNLOAD
+    if isinstance(exc, (IntegrityError, InsufficientDiskSpaceError)):
+        return EXIT_INTEGRITY
+    if isinstance(exc, (ModelNotInstalledError, CatalogError, ModelLoadError, LlmlbError)):
+        return EXIT_ERROR
+    if isinstance(exc, ValueError):  # bad -o values
+        return EXIT_USAGE
+    return EXIT_ERROR  # an unwritable store (OSError), or a bug: one line, no traceback
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,19 +103,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("run", help="resolve, load and generate text, streamed to stdout")
-    p.add_argument("model_id")
-    p.add_argument("prompt")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--chat", action="store_true", help="use the model's chat template")
+    p = sub.add_parser(
+        "run",
+        help="resolve, load and generate text, streamed to stdout",
+        description="Resolve the model (downloading it if needed), load it with llama.cpp and "
+        "stream the generated text to stdout. The -o options are checked against "
+        "llama_cpp.Llama before anything is downloaded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model_id", help="a catalog id (see `llmlb-node models`)")
+    p.add_argument("prompt", help="the prompt (with --chat: the user message)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=-1,
+        help="sampling seed; -1 draws a new one each run, any other value repeats a run "
+        "(-o seed=N means the same)",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="use the model's chat template (needs an instruction-tuned model)",
+    )
     p.add_argument(
         "-o",
         "--option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a llama_cpp.Llama keyword argument, e.g. -o n_ctx=4096 (repeatable)",
+        help="a llama_cpp.Llama keyword argument, e.g. -o n_ctx=4096 (repeatable); "
+        "verbose=false unless given",
     )
     p.set_defaults(func=cmd_run)
 
@@ -170,8 +203,10 @@ def cmd_path(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     resolver = ModelResolver()
     if not resolver.remove(args.model_id):
-        _err(f"{args.model_id}: not installed")
-        return EXIT_ERROR
+        if args.model_id not in resolver.catalog:
+            resolver.catalog.get(args.model_id)  # a typo: UnsupportedModelError (exit 3)
+        _err(f"{args.model_id}: not installed; nothing to remove")  # like `rm -f`: exit 0
+        return EXIT_OK
     print(f"removed {args.model_id}")
     return EXIT_OK
 
@@ -208,29 +243,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .lazy import LazyLlama
+    from .llamacpp import import_llama_cpp, llama_options
 
-    options = dict(_parse_option(o) for o in args.option)
+    # Everything a user typed is checked before any byte is downloaded.
+    llama_cpp = import_llama_cpp()  # LlamaCppNotInstalledError names the install command
+    options = llama_options(args.option, llama_cpp.Llama)
     options.setdefault("verbose", False)
-    llm = LazyLlama(args.model_id, progress=_progress_view(), **options)
-    with llm:
+    seed = options.pop("seed", args.seed)
+    seed = None if seed is None or seed < 0 else seed  # None: llama_cpp draws one per call
+    sampling: dict[str, Any] = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "seed": seed if seed is not None else _random_seed(),
+        "stream": True,
+    }
+    resolver = ModelResolver()
+    if resolver.installed(args.model_id) is None:
+        resolver.catalog.get(args.model_id)  # an unknown id: exit 3 before loading anything
+    llm = LazyLlama(args.model_id, resolver=resolver, progress=_progress_view(), **options)
+    with resolver, llm:
         llm.prefetch()
         llm.load()
         _err(f"loaded {llm.model_path} ({llm.offload})")
         if args.chat:
             stream = llm.create_chat_completion(
-                messages=[{"role": "user", "content": args.prompt}],
-                max_tokens=args.max_tokens,
-                temperature=args.temperature,
-                stream=True,
+                messages=[{"role": "user", "content": args.prompt}], **sampling
             )
             pieces = (c["choices"][0]["delta"].get("content", "") for c in stream)
         else:
-            stream = llm.create_completion(
-                args.prompt,
-                max_tokens=args.max_tokens,
-                temperature=args.temperature,
-                stream=True,
-            )
+            stream = llm.create_completion(args.prompt, **sampling)
             pieces = (c["choices"][0]["text"] for c in stream)
         for piece in pieces:
             sys.stdout.write(piece)
@@ -269,6 +310,14 @@ def _missing_module(*names: str) -> str | None:
         except ImportError:
             return name
     return None
+
+
+def _random_seed() -> int:
+    # llama_cpp.Llama derives the seed of a call without one from its own fixed seed, so
+    # every process would print the same text: draw a fresh one instead.
+    import random
+
+    return random.SystemRandom().randrange(2**31)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -310,17 +359,6 @@ def _progress_view() -> Callable[[ProgressEvent], None]:
     return LineProgress(_err)
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"-o expects KEY=VALUE, got {text!r}")
-    try:
-        value: Any = json.loads(raw)
-    except ValueError:
-        value = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
-    return key.strip(), value
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> None:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -337,7 +375,15 @@ def _err(message: str) -> None:
 
 
 def _fail(exc: BaseException, code: int) -> int:
-    _err(f"error: {exc}")
+    if isinstance(exc, ModelDownloadError):
+        _err(f"error: could not download {exc.model_id!r}; every source failed:")
+        for failure in exc.failures:
+            _err(f"  {failure.source}: [{failure.kind}] {failure.message}")
+    elif isinstance(exc, (LlmlbError, ValueError, OSError)):
+        _err(f"error: {exc}")
+    else:  # not an error we raise on purpose: still one line, and -v logs the traceback
+        log.debug("unexpected error", exc_info=exc)
+        _err(f"error: unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)")
     return code
 
 

@@ -23,6 +23,11 @@ class CatalogError(LlmlbError):
     """The supported-models catalog is unreadable or invalid (names file, entry and field)."""
 
 
+class ConfigurationError(LlmlbError, ValueError):
+    """An environment variable (``LLMLB_*``, ``HF_ENDPOINT``) has a value that cannot work; the
+    message names the variable and what it expects. Raised when settings are read."""
+
+
 class UnsupportedModelError(LlmlbError, LookupError):
     """The model id is not in the catalog (and not installed by hand)."""
 
@@ -85,6 +90,10 @@ class DownloadStalledError(LlmlbError, TimeoutError):
         )
 
 
+NOT_TRIED = frozenset({"skipped", "offline", "blocked", "missing"})
+"""Failure kinds of a source that was not asked for any byte."""
+
+
 @dataclass(frozen=True)
 class SourceFailure:
     """Why one source could not deliver a model: what was tried and what went wrong."""
@@ -119,6 +128,18 @@ class ModelDownloadError(LlmlbError):
         lines = "\n".join(f"  - {f}" for f in self.failures) or "  - no source is configured"
         super().__init__(f"could not download model {model_id!r}; every source failed:\n{lines}")
 
+    @property
+    def integrity(self) -> bool:
+        """True when every source that was tried sent bytes that failed verification (sources
+        not tried at all, such as a proxy that is not configured, do not count). The CLI exits
+        5 then, as for `IntegrityError`; otherwise 4."""
+        tried = [f for f in self.failures if f.kind not in NOT_TRIED]
+        return bool(tried) and all(f.kind == "integrity" for f in tried)
+
 
 class ModelLoadError(LlmlbError):
     """llama.cpp could not load the resolved file with the chosen offload plan."""
+
+
+class LlamaCppNotInstalledError(ModelLoadError, ImportError):
+    """llama-cpp-python cannot be imported; the message gives the command that installs it."""

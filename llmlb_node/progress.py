@@ -30,8 +30,9 @@ from .store import (
 
 log = logging.getLogger(__name__)
 
-STAGES = ("resolving", "waiting", "downloading", "verifying", "installed", "failed")
-FINAL_STAGES = ("installed", "failed")
+STAGES = ("resolving", "waiting", "downloading", "verifying", "installed", "failed", "interrupted")
+FINAL_STAGES = ("installed", "failed", "interrupted")
+"""interrupted: the process was stopped (Ctrl-C); the partial file is kept for resuming."""
 MAX_EVENTS_PER_S = 10
 STALL_AFTER_S = 2.0  # no byte for this long: the event says stalled, at 0 B/s
 
@@ -44,7 +45,7 @@ class ProgressEvent:
     filename: str | None
     source: str | None
     stage: str
-    """resolving, waiting, downloading, verifying, installed or failed."""
+    """resolving, waiting, downloading, verifying, installed, failed or interrupted."""
     downloaded: int = 0
     total: int | None = None
     bytes_per_s: float = 0.0
@@ -81,6 +82,8 @@ class Monitor:
         self._status_written = 0.0
         self._ticker: threading.Thread | None = None
         self._closed = threading.Event()
+        self.failures: list[dict[str, str]] = []
+        """Each failed source's ``{source, kind, message}``, kept in the status file."""
 
     # subscribers ---------------------------------------------------------------------------
     def subscribe(self, callback: ProgressCallback | None) -> None:
@@ -105,7 +108,7 @@ class Monitor:
         self._publish(force=force)
         if stage == "downloading":
             self._start_ticker()
-        if stage in ("installed", "failed"):
+        if stage in FINAL_STAGES:
             self._closed.set()
 
     def file_started(self, filename: str, source: str, size: int | None, rest: int = 0) -> None:
@@ -165,7 +168,7 @@ class Monitor:
         event = self._event
         with self._lock:
             subs = list(self._subscribers)
-        final = event.stage in ("installed", "failed")
+        final = event.stage in FINAL_STAGES
         # Every 10% step reaches every subscriber (llmlb's granularity), throttling or not.
         decile = int((event.fraction or 0) * 10) if event.stage == "downloading" else -1
         step = decile > self._sent_decile
@@ -178,7 +181,8 @@ class Monitor:
             now = time.monotonic()
             if force or final or now - self._status_written >= 0.25:
                 self._status_written = now
-                write_status_file(self.status_path, event, self.started_at)
+                extra = {"failures": self.failures} if self.failures else None
+                write_status_file(self.status_path, event, self.started_at, extra)
 
     def _log_decile(self, event: ProgressEvent) -> None:
         fraction = event.fraction
@@ -249,7 +253,9 @@ class _Throttled:
 
 
 # status files (cross-process) ----------------------------------------------------------------
-def write_status_file(path: Path, event: ProgressEvent, started_at: float) -> None:
+def write_status_file(
+    path: Path, event: ProgressEvent, started_at: float, extra: dict[str, Any] | None = None
+) -> None:
     data = asdict(event)
     data.update(
         pid=os.getpid(),
@@ -257,6 +263,7 @@ def write_status_file(path: Path, event: ProgressEvent, started_at: float) -> No
         started_at=started_at,
         updated_at=time.time(),
     )
+    data.update(extra or {})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(data).encode(), fsync=False)
@@ -338,7 +345,7 @@ class TqdmProgress:
             "stalled" if event.stalled else (event.source or ""), refresh=False
         )
         self.bar.refresh()
-        if event.stage in ("installed", "failed"):
+        if event.stage in FINAL_STAGES:
             self.bar.close()
             self.bar = None
 
@@ -354,7 +361,9 @@ class LineProgress:
     def __call__(self, event: ProgressEvent) -> None:
         if event.stage != self.stage:
             self.stage = event.stage
-            if event.stage != "downloading":
+            if event.stage in ("failed", "interrupted"):
+                pass  # the command prints the error (or "interrupted") once, in full
+            elif event.stage != "downloading":
                 self.write(
                     f"{event.model_id}: {event.stage}"
                     + (f" ({event.message})" if event.message else "")

@@ -6,17 +6,19 @@ and processes asking for one model download it once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .catalog import Catalog, ModelEntry, is_valid_id, load_catalog
 from .errors import (
+    NOT_TRIED,
     DownloadStalledError,
     InsufficientDiskSpaceError,
     InvalidModelIdError,
@@ -66,7 +68,9 @@ class ModelStatus:
 
     model_id: str
     status: str
-    """local, waiting, downloading, completed, error, or missing (not installed, idle)."""
+    """local (installed; no download of it recorded), completed (installed by the download
+    recorded in the store), waiting, downloading, interrupted (stopped part way; the next
+    resolve resumes it), error (the last download failed), or missing (not installed, idle)."""
     progress: float
     downloaded_bytes: int
     total_bytes: int | None
@@ -75,9 +79,14 @@ class ModelStatus:
     source: str | None = None
     bytes_per_s: float = 0.0
     pid: int | None = None
+    failures: tuple[dict[str, str], ...] = ()
+    """After a failed download: each source's ``{"source", "kind", "message"}``, in order."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready: ``json.dumps(status.to_dict())`` (failures become a list)."""
+        data = asdict(self)
+        data["failures"] = [dict(f) for f in self.failures]
+        return data
 
 
 class _Flight:
@@ -183,9 +192,7 @@ class ModelResolver:
             return flight.result
         except BaseException as exc:
             flight.error = exc
-            flight.monitor.stage(
-                "failed", message=(str(exc).splitlines() or [type(exc).__name__])[0]
-            )
+            self._record_failure(entry, flight.monitor, exc)
             raise
         finally:
             with _FLIGHTS_LOCK:
@@ -270,6 +277,25 @@ class ModelResolver:
         self.close()
 
     # -- the download ---------------------------------------------------------------------
+    def _record_failure(self, entry: ModelEntry, monitor: Monitor, exc: BaseException) -> None:
+        """Report how a resolve ended without a model (status file, callbacks), and leave no
+        empty model directory behind. A partial file stays for the next resolve to resume."""
+        with contextlib.suppress(OSError):
+            self.store.prune_empty(entry.id)
+        if not isinstance(exc, Exception):  # Ctrl-C (KeyboardInterrupt), SystemExit
+            done = monitor.event.downloaded
+            monitor.stage("interrupted", message=f"stopped at {done} bytes; resolve resumes it")
+            return
+        if isinstance(exc, ModelDownloadError):
+            monitor.failures = [
+                {"source": f.source, "kind": f.kind, "message": f.message} for f in exc.failures
+            ]
+            causes = "; ".join(f"{f.source}: [{f.kind}] {f.message}" for f in exc.failures)
+            message = f"could not download model {exc.model_id!r}; every source failed: {causes}"
+        else:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+        monitor.stage("failed", message=message)
+
     def _download(self, entry: ModelEntry, monitor: Monitor) -> ResolvedModel:
         slots = _slots(self.settings.max_concurrent_downloads)
         if not slots.acquire(blocking=False):
@@ -386,13 +412,14 @@ class ModelResolver:
                     ready[f.filename] = downloader.fetch(remote, partial, f, monitor.bytes)
                     monitor.file_done(ready[f.filename].size)
             except SourceError as exc:
+                # INFO: the next source may well succeed. If none does, ModelDownloadError
+                # carries every cause to the caller, who decides how loud to be.
                 failures.append(exc.failure)
-                quiet = exc.failure.kind in ("skipped", "offline", "blocked", "missing")
-                log.log(logging.INFO if quiet else logging.WARNING, "%s: %s", entry.id, exc.failure)
+                log.info("%s: %s [%s]", entry.id, exc.failure, exc.failure.kind)
                 continue
             except DownloadStalledError as exc:
                 failures.append(SourceFailure(exc.source, "stalled", str(exc)))
-                log.warning("%s: %s", entry.id, exc)
+                log.info("%s: %s [stalled]", entry.id, exc)
                 continue
             monitor.stage("verifying")
             if store.lookup(entry.id, entry) is None:  # else another writer won the race
@@ -424,10 +451,11 @@ class ModelResolver:
                     ],
                 )
             log.info(
-                "%s: installed from %s at %s",
+                "%s: installed from %s at %s%s",
                 entry.id,
                 source.label,
                 store.file_path(entry.id, record.files[0].filename),
+                _fallback_note(failures),
             )
             return self._finish(entry, record, monitor, source.label)
         raise ModelDownloadError(entry.id, failures)
@@ -492,20 +520,35 @@ class ModelResolver:
             alive = data.get("host") != hostname() or (isinstance(pid, int) and pid_alive(pid))
             fresh = time.time() - float(data.get("updated_at") or 0) < self._stale_after()
             if event.stage == "failed":
-                return _from_event(event, event.message or "download failed", pid)
+                failures = data.get("failures")
+                status = _from_event(event, event.message or "download failed", pid)
+                if isinstance(failures, list):
+                    kept = tuple(_failure_dict(f) for f in failures if isinstance(f, dict))
+                    status = replace(status, failures=kept)
+                return status
+            if event.stage not in ("installed", "interrupted") and not (alive and fresh):
+                # The downloading process is gone (killed): its partial is resumable.
+                event = replace(event, stage="interrupted")
             if event.stage != "installed":
-                if alive and fresh:
-                    return _from_event(event, None, pid)
-                return _from_event(
-                    event,
-                    f"interrupted at {event.downloaded} bytes (pid {pid} is gone); "
-                    "the next resolve resumes it",
-                    pid,
-                )
+                return _from_event(event, None, pid)
         total = None
         if model_id in self.catalog:
             total = self.catalog.get(model_id).total_size
         return ModelStatus(model_id, "missing", 0.0, 0, total, None)
+
+
+def _failure_dict(data: dict[str, Any]) -> dict[str, str]:
+    return {k: str(data.get(k) or "") for k in ("source", "kind", "message")}
+
+
+def _fallback_note(failures: list[SourceFailure]) -> str:
+    """`` (after huggingface:org/x failed: [dns] ...)`` naming the sources tried before the one
+    that delivered; sources skipped by configuration are not news."""
+    tried = [f for f in failures if f.kind not in NOT_TRIED]
+    if not tried:
+        return ""
+    causes = "; ".join(f"{f.source} failed: [{f.kind}] {f.message}" for f in tried)
+    return f" (after {causes})"
 
 
 def _from_event(event: ProgressEvent, error: str | None, pid: int | None) -> ModelStatus:
@@ -518,6 +561,8 @@ def _from_event(event: ProgressEvent, error: str | None, pid: int | None) -> Mod
     elif event.stage == "failed":
         status = "error"
         error = event.message
+    elif event.stage == "interrupted":
+        status = "interrupted"
     else:
         status = "downloading"
     return ModelStatus(

@@ -5,12 +5,14 @@ Read once into a frozen `Settings`; `Settings.from_env()` is what `ModelResolver
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .catalog import catalog_path_from_env
+from .errors import ConfigurationError
 from .origin import split_userinfo
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
@@ -60,10 +62,8 @@ class Settings:
         env = os.environ if env is None else env
         home = Path(env.get("LLMLB_HOME") or Path.home() / ".llmlb").expanduser()
         models = Path(env.get("LLMLB_MODELS_DIR") or home / "models").expanduser()
-        allow = tuple(
-            p.strip().lower() for p in env.get("LLMLB_ORIGIN_ALLOWLIST", "").split(",") if p.strip()
-        )
-        llmlb_url, userinfo = split_userinfo((env.get("LLMLB_URL") or "").strip().rstrip("/"))
+        allow = _allowlist(env)
+        llmlb_url, userinfo = split_userinfo(_url(env, "LLMLB_URL") or "")
         settings = cls(
             home=home,
             models_dir=models,
@@ -73,12 +73,13 @@ class Settings:
             llmlb_api_key=env.get("LLMLB_API_KEY") or None,
             origin_allowlist=allow,
             stall_timeout=_float(env, "LLMLB_STALL_TIMEOUT", 30.0),
-            max_concurrent_downloads=max(1, _int(env, "LLMLB_MAX_CONCURRENT_DOWNLOADS", 2)),
-            download_connections=max(1, _int(env, "LLMLB_DOWNLOAD_CONNECTIONS", 4)),
-            hf_endpoint=(env.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/"),
+            max_concurrent_downloads=_int(env, "LLMLB_MAX_CONCURRENT_DOWNLOADS", 2),
+            download_connections=_int(env, "LLMLB_DOWNLOAD_CONNECTIONS", 4, most=64),
+            hf_endpoint=_url(env, "HF_ENDPOINT") or DEFAULT_HF_ENDPOINT,
             hf_token=env.get("HF_TOKEN") or None,
             hf_offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
         )
+        _check_gpu_layers(env)
         return replace(settings, **overrides) if overrides else settings  # type: ignore[arg-type]
 
 
@@ -95,29 +96,80 @@ _ENV_KEYS = (  # LLMLB_HOME first: the cache key above reads it by position
     "HF_ENDPOINT",
     "HF_TOKEN",
     "HF_HUB_OFFLINE",
+    "LLMLB_N_GPU_LAYERS",
     "HOME",
 )
 _FROM_ENV: dict[tuple[object, ...], Settings] = {}
 
 
+# Each reader raises ConfigurationError naming the variable: a typo is reported when the settings
+# are read, not retried later as a network failure.
 def _float(env: Mapping[str, str], key: str, default: float) -> float:
     value = env.get(key)
     if not value:
         return default
     try:
         parsed = float(value)
-    except ValueError as exc:
-        raise ValueError(f"{key}={value!r} is not a number") from exc
-    if parsed <= 0:
-        raise ValueError(f"{key}={value!r} must be positive")
+    except ValueError:
+        raise ConfigurationError(f"{key}={value!r} is not a number (seconds, e.g. 30)") from None
+    if not math.isfinite(parsed) or parsed <= 0:
+        raise ConfigurationError(f"{key}={value!r} must be a positive, finite number of seconds")
     return parsed
 
 
-def _int(env: Mapping[str, str], key: str, default: int) -> int:
+def _int(env: Mapping[str, str], key: str, default: int, most: int | None = None) -> int:
     value = env.get(key)
     if not value:
         return default
     try:
-        return int(value)
+        parsed = int(value)
+    except ValueError:
+        raise ConfigurationError(f"{key}={value!r} is not a whole number") from None
+    if parsed < 1 or (most is not None and parsed > most):
+        bound = f"between 1 and {most}" if most is not None else "at least 1"
+        raise ConfigurationError(f"{key}={value!r} must be {bound}")
+    return parsed
+
+
+def _url(env: Mapping[str, str], key: str) -> str | None:
+    """An http(s) base URL without a trailing slash, or None when unset."""
+    value = (env.get(key) or "").strip()
+    if not value:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
     except ValueError as exc:
-        raise ValueError(f"{key}={value!r} is not a whole number") from exc
+        raise ConfigurationError(f"{key}: not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        shown = value if "@" not in value else "<URL with credentials>"  # never print secrets
+        raise ConfigurationError(
+            f"{key}={shown!r} is not an http(s) URL; expected e.g. http://host:port"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"{key}: a base URL takes no '?query' or '#fragment'")
+    return value.rstrip("/")
+
+
+def _allowlist(env: Mapping[str, str]) -> tuple[str, ...]:
+    patterns = [p.strip().lower() for p in env.get("LLMLB_ORIGIN_ALLOWLIST", "").split(",")]
+    for pattern in patterns:
+        if "/" in pattern or "@" in pattern:
+            raise ConfigurationError(
+                f"LLMLB_ORIGIN_ALLOWLIST: {pattern!r} is not a host pattern; list host names "
+                "such as huggingface.co,*.example.org (no scheme or path)"
+            )
+    return tuple(p for p in patterns if p)
+
+
+def _check_gpu_layers(env: Mapping[str, str]) -> None:
+    value = (env.get("LLMLB_N_GPU_LAYERS") or "").strip()
+    if value and value.lower() != "auto":
+        try:
+            int(value)
+        except ValueError:
+            raise ConfigurationError(
+                f"LLMLB_N_GPU_LAYERS={value!r} must be an integer (-1: all layers) or 'auto'"
+            ) from None

@@ -384,6 +384,19 @@ class ModelStore:
                     child.unlink()
         return found
 
+    def prune_empty(self, model_id: str) -> None:
+        """Remove the model's directory (and empty subfolders) if it holds no file at all:
+        a failed download leaves nothing behind but its partials, which are kept."""
+        model_dir = self.model_dir(model_id)
+        if not model_dir.is_dir() or model_dir.is_symlink():
+            return
+        for sub in sorted(model_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if sub.is_dir() and not sub.is_symlink():
+                with contextlib.suppress(OSError):
+                    sub.rmdir()  # only if empty
+        with contextlib.suppress(OSError):
+            model_dir.rmdir()
+
     def free_bytes(self, model_id: str) -> int:
         """Free bytes on the filesystem that holds (or will hold) the model."""
         path = self.model_dir(model_id)

@@ -192,8 +192,17 @@ def test_rm_removes_an_installed_model(world: World) -> None:
     assert done.returncode == 0 and done.stdout == "removed tiny\n"
     assert not path.exists() and not path.parent.exists()
     assert cli("path", MODEL_ID).returncode == 1
+    # Removing what is not there is what `rm -f` users expect: a note, exit 0.
     again = cli("rm", MODEL_ID)
-    assert again.returncode == 1 and "tiny: not installed" in again.stderr
+    assert again.returncode == 0 and again.stdout == ""
+    assert "tiny: not installed; nothing to remove" in again.stderr
+
+
+def test_rm_of_an_unknown_id_exits_3_like_every_command(world: World) -> None:
+    done = cli("rm", "tiyn")
+    assert done.returncode == 3
+    assert "'tiyn' is not supported" in done.stderr and "Did you mean: tiny?" in done.stderr
+    assert cli("rm", "../etc").returncode == 3
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -440,3 +449,132 @@ def test_backend_presets_and_the_rebuild_command(world: World) -> None:
 
     unknown = cli("backend", "install", "--preset", "nope")
     assert unknown.returncode == 2 and "known presets: cpu" in unknown.stderr
+
+
+# -- what a new user typed (issue 9) ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LLMLB_STALL_TIMEOUT", "inf"),
+        ("LLMLB_STALL_TIMEOUT", "nan"),
+        ("LLMLB_STALL_TIMEOUT", "-1"),
+        ("LLMLB_STALL_TIMEOUT", "0"),
+        ("LLMLB_MAX_CONCURRENT_DOWNLOADS", "0"),
+        ("LLMLB_DOWNLOAD_CONNECTIONS", "four"),
+        ("LLMLB_DOWNLOAD_CONNECTIONS", "1000"),
+        ("LLMLB_URL", "notaurl"),
+        ("LLMLB_URL", "ftp://lb.example"),
+        ("LLMLB_URL", "http://lb.example:99999"),
+        ("HF_ENDPOINT", "huggingface.co"),
+        ("LLMLB_ORIGIN_ALLOWLIST", "https://huggingface.co"),
+        ("LLMLB_N_GPU_LAYERS", "all"),
+    ],
+)
+def test_a_bad_setting_exits_2_naming_it_before_any_request(
+    world: World, variable: str, value: str
+) -> None:
+    for args in (("pull", MODEL_ID), ("status",), ("models",)):
+        done = cli(*args, env={variable: value})
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith(f"error: {variable}"), done.stderr
+        assert len(done.stderr.splitlines()) == 1
+    assert world.requests() == 0
+    assert not (world.models_dir / MODEL_ID).exists()
+
+
+def test_run_checks_every_option_before_any_request(world: World) -> None:
+    typo = cli("run", MODEL_ID, "Hi", "-o", "n_ctxx=512")
+    assert typo.returncode == 2
+    assert "did you mean 'n_ctx'?" in typo.stderr
+
+    bogus = cli("run", MODEL_ID, "Hi", "-o", "bogus=1")
+    assert bogus.returncode == 2 and "takes no keyword argument 'bogus'" in bogus.stderr
+
+    for option, expected in [
+        ("n_ctx=abc", "expected an integer"),
+        ("rope_freq_base=fast", "expected a number"),
+        ("use_mmap=perhaps", "expected true or false"),
+        ("tensor_split=1", "a JSON list"),
+        ("chat_handler=x", "cannot be given on the command line"),
+        ("n_gpu_layers=most", "an integer or 'auto'"),
+        ("model_path=/tmp/x.gguf", "the model id chooses the file"),
+        ("n_ctx", "-o expects KEY=VALUE"),
+    ]:
+        done = cli("run", MODEL_ID, "Hi", "-o", option)
+        assert done.returncode == 2, (option, done.stderr)
+        assert expected in done.stderr, (option, done.stderr)
+        assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert cli("run", "tiyn", "Hi", "-o", "n_ctx=64").returncode == 3
+    assert world.requests() == 0
+    assert not (world.models_dir / MODEL_ID).exists()
+
+
+def test_run_without_llama_cpp_names_the_install_command(world: World, tmp_path: Path) -> None:
+    # A real interpreter in which `import llama_cpp` fails, as on a machine without it.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoLlamaCpp:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'llama_cpp' or name.startswith('llama_cpp.'):\n"
+        "            raise ModuleNotFoundError(\"No module named 'llama_cpp'\", name=name)\n"
+        "sys.meta_path.insert(0, _NoLlamaCpp())\n"
+    )
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
+
+    done = cli("run", MODEL_ID, "Hi", env={"PYTHONPATH": path})
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [done.stderr.strip()]
+    assert "llama-cpp-python cannot be imported" in done.stderr
+    assert f"{sys.executable} -m pip install llama-cpp-python" in done.stderr
+    assert world.requests() == 0  # found out before downloading anything
+
+
+def test_run_help_shows_the_defaults_and_the_seed(world: World) -> None:
+    done = cli("run", "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "tokens to generate at most (default: 128)" in text
+    assert "sampling temperature (default: 0.8)" in text
+    assert "-1 draws a new one each run" in text and "(default: -1)" in text
+    assert "-o seed=N means the same" in text
+
+
+def test_integrity_failure_of_every_tried_source_exits_5(world: World) -> None:
+    world.add_model(MODEL_ID, {FILENAME: world.content}, repo=REPO, sha256="0" * 64)
+
+    both = cli("pull", MODEL_ID)  # the Hub and the proxy both serve other bytes
+    assert both.returncode == 5, both.stderr
+    assert both.stderr.count("[integrity]") == 2
+
+    only = cli("pull", MODEL_ID, env={"LLMLB_URL": ""})  # the only source; the proxy is skipped
+    assert only.returncode == 5, only.stderr
+    assert "llmlb-proxy: [skipped]" in only.stderr
+
+    world.proxy.refuse()  # one integrity failure, one network failure: a download failure
+    assert cli("pull", MODEL_ID).returncode == 4
+    assert not world.installed_path().exists()
+
+
+def test_status_keeps_every_source_s_cause(world: World) -> None:
+    world.hub.fail_status(404)
+    world.proxy.refuse()
+    assert cli("pull", MODEL_ID).returncode == 4
+
+    data = json.loads(cli("status", MODEL_ID, "--json").stdout)
+    assert data["status"] == "error"
+    failures = data["failures"]
+    assert [f["source"] for f in failures] == [f"huggingface:{REPO}", "llmlb-proxy"]
+    assert failures[1]["kind"] == "refused" and "404" in failures[0]["message"]
+    message = data["error_message"]
+    assert message.startswith("could not download model 'tiny'; every source failed: ")
+    assert f"huggingface:{REPO}: [{failures[0]['kind']}] " in message
+    assert "llmlb-proxy: [refused] " in message and "404" in message
+    assert "\n" not in message
+
+    table = cli("status", MODEL_ID).stdout
+    assert "404" in table and "[refused]" in table
+    # A failed download leaves no empty model directory behind.
+    assert not (world.models_dir / MODEL_ID).exists()

@@ -402,3 +402,30 @@ def test_a_repo_name_the_hub_refuses_is_a_catalog_error(world: World) -> None:
     world.add_model("bad-repo", {"b.gguf": make_gguf(1000)}, repo="org/" + "r" * 100)
     with pytest.raises(CatalogError, match="'bad-repo'"):
         world.resolver().resolve("bad-repo")
+
+
+def test_a_fallback_that_succeeds_is_info_naming_both_sources(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.hub.refuse()
+    caplog.set_level(logging.DEBUG, logger="llmlb_node")
+
+    assert world.resolver().resolve(MODEL_ID).source == "llmlb-proxy"
+
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    installed = [r for r in caplog.records if "installed from" in r.getMessage()]
+    assert len(installed) == 1 and installed[0].levelno == logging.INFO
+    line = installed[0].getMessage()
+    assert line.startswith("tiny: installed from llmlb-proxy at ")
+    assert f"(after huggingface:{REPO} failed: [refused] " in line
+
+
+def test_a_failed_download_leaves_no_empty_model_directory(world: World) -> None:
+    world.hub.refuse()
+    world.proxy.refuse()
+    with pytest.raises(ModelDownloadError):
+        world.resolver().resolve(MODEL_ID)
+    assert not (world.models_dir / MODEL_ID).exists()
+    status = world.resolver().status(MODEL_ID)
+    assert status.status == "error" and len(status.failures) == 2
+    assert status.to_dict()["failures"][1]["kind"] == "refused"
