@@ -294,11 +294,19 @@ class _HttpTransfer:
         try:
             if todo:
                 self._run_segment(todo[0])
-        except BaseException:
-            self.cancel.set()
             self._join()
+        except _Cancelled:
+            self.cancel.set()
+            self._join()  # raises the other segment's failure that cancelled this one
             raise
-        self._join()
+        except BaseException:
+            # Ctrl-C (or a failure of this segment): stop the others, and let this exception,
+            # not the cancellations it causes, reach the caller. Progress so far is kept.
+            self.cancel.set()
+            self._join(quiet=True)
+            with contextlib.suppress(Exception):
+                self._note_progress(force=True)  # the sidecar vouches for every byte held
+            raise
 
     def _spawn(self, seg: list[int]) -> None:
         def work() -> None:
@@ -312,12 +320,12 @@ class _HttpTransfer:
         self.workers.append(thread)
         thread.start()
 
-    def _join(self) -> None:
+    def _join(self, quiet: bool = False) -> None:
         for thread in self.workers:
             thread.join()
         self.workers = []
         errors, self.errors = self.errors, []
-        if errors:
+        if errors and not quiet:
             # A stall or a source failure matters more than the cancellations it caused.
             raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
 

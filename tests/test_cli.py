@@ -578,3 +578,78 @@ def test_status_keeps_every_source_s_cause(world: World) -> None:
     assert "404" in table and "[refused]" in table
     # A failed download leaves no empty model directory behind.
     assert not (world.models_dir / MODEL_ID).exists()
+
+
+# Runs the CLI with downloads split over ranges from 1 MiB on (the default threshold is 64 MiB).
+SPLITTING_CLI = """
+import sys
+from llmlb_node import settings
+from llmlb_node.cli import main
+
+plain = settings.Settings.from_env.__func__
+small = {"parallel_threshold": 1 << 20, "split_below": 1e12}
+settings.Settings.from_env = classmethod(lambda cls, env=None, **o: plain(cls, env, **{**small, **o}))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _sidecar(model_dir: Path) -> dict:
+    for path in (model_dir.parent / ".llmlb" / model_dir.name / "partials").glob("*.json"):
+        with contextlib.suppress(ValueError, OSError):
+            return json.loads(path.read_text())
+    return {}
+
+
+@pytest.mark.parametrize("connections", [4, 1])
+def test_ctrl_c_mid_download_is_one_line_exit_130_and_resumes(
+    world: World, connections: int
+) -> None:
+    import signal
+    import time
+
+    size = 8 * 1024 * 1024
+    content = make_gguf(size, seed=9)
+    world.add_model("big", {"big.gguf": content})
+    world.hub.cdn.rate_limit(1024 * 1024)  # per connection: splitting pays, and it takes time
+    model_dir = world.models_dir / "big"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SPLITTING_CLI, "pull", "big"],
+        env={**os.environ, "LLMLB_DOWNLOAD_CONNECTIONS": str(connections)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            segments = _sidecar(model_dir).get("segments") or []
+            if len(segments) >= connections and sum(s[2] - s[0] for s in segments) > size // 8:
+                break
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the download never got going"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "_Cancelled" not in err and "error" not in err
+    progress = [line for line in err.splitlines() if line.startswith("big: ")]
+    assert err.splitlines() == [*progress, "interrupted"]
+    assert out == ""
+    held = sum(s[2] - s[0] for s in _sidecar(model_dir)["segments"])
+    assert held > size // 8
+    assert list(model_dir.glob(".big.gguf.*.partial"))  # kept for the next pull
+
+    status = json.loads(cli("status", "big", "--json").stdout)
+    assert status["status"] == "interrupted" and status["error_message"] is None
+    assert status["downloaded_bytes"] >= size // 8
+
+    world.hub.cdn.rate_limit(None)
+    world.hub.reset_counters()
+    assert cli("pull", "big").returncode == 0
+    assert (model_dir / "big.gguf").read_bytes() == content
+    assert world.hub.cdn.bytes_sent <= size - held + 1024 * 1024  # resumed, not restarted

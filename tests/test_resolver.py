@@ -17,6 +17,7 @@ from llmlb_node import (
     UnsupportedModelError,
 )
 from llmlb_node.errors import InvalidModelIdError
+from llmlb_node.store import hostname
 
 
 def _kinds(exc: ModelDownloadError) -> dict[str, str]:
@@ -429,3 +430,33 @@ def test_a_failed_download_leaves_no_empty_model_directory(world: World) -> None
     status = world.resolver().status(MODEL_ID)
     assert status.status == "error" and len(status.failures) == 2
     assert status.to_dict()["failures"][1]["kind"] == "refused"
+
+
+def test_a_download_whose_process_died_reports_interrupted(world: World) -> None:
+    import json
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    resolver = world.resolver()
+    status_path = resolver.store.status_path(MODEL_ID)
+    status_path.parent.mkdir(parents=True)
+    status_path.write_text(
+        json.dumps(
+            {
+                "model_id": MODEL_ID,
+                "filename": FILENAME,
+                "source": f"huggingface:{REPO}",
+                "stage": "downloading",
+                "downloaded": 1000,
+                "total": 300_000,
+                "pid": dead.pid,
+                "host": hostname(),
+                "updated_at": time.time(),
+            }
+        )
+    )
+    status = resolver.status(MODEL_ID)
+    assert status.status == "interrupted" and status.error_message is None
+    assert status.downloaded_bytes == 1000
