@@ -588,7 +588,9 @@ from llmlb_node.cli import main
 
 plain = settings.Settings.from_env.__func__
 small = {"parallel_threshold": 1 << 20, "split_below": 1e12}
-settings.Settings.from_env = classmethod(lambda cls, env=None, **o: plain(cls, env, **{**small, **o}))
+settings.Settings.from_env = classmethod(
+    lambda cls, env=None, **o: plain(cls, env, **{**small, **o})
+)
 sys.exit(main(sys.argv[1:]))
 """
 
