@@ -1,7 +1,8 @@
 """Progress: events, their throttling, the 10% log lines, status files and the tqdm bar.
 
 A `Monitor` follows one model's download; every caller waiting on it (in this process, or in
-another one through the status file) receives the same `ProgressEvent`s.
+another one through the status file) receives the same `ProgressEvent`s. Only the holder of the
+model's lock writes the status file, and it heartbeats it while it sleeps.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ class Monitor:
         self._closed = threading.Event()
         self.failures: list[dict[str, str]] = []
         """Each failed source's ``{source, kind, message}``, kept in the status file."""
+        self._writing = False  # only the lock holder writes the status file
+        self._status_lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
+        self._heartbeat_stop = threading.Event()
 
     # subscribers ---------------------------------------------------------------------------
     def subscribe(self, callback: ProgressCallback | None) -> None:
@@ -150,10 +155,37 @@ class Monitor:
         """Forward an event observed elsewhere (another process's status file) as our own."""
         with self._lock:
             self._event = replace(event, model_id=self.model_id)
-        self._publish(write_status=False)
+        self._publish()
+
+    def hold_status(self, heartbeat: float) -> None:
+        """We hold the model's lock: write the status file from now on, and rewrite it every
+        `heartbeat` seconds even when nothing moves (a Retry-After sleep, a backoff, a slow
+        source), so waiters can tell a live holder from a hung one."""
+        if self.status_path is None:
+            return
+        self._writing = True
+        self._write_status()
+        self._heartbeat_stop.clear()
+
+        def beat() -> None:
+            while not self._heartbeat_stop.wait(heartbeat):
+                self._write_status()
+
+        self._heartbeat = threading.Thread(target=beat, name="llmlb-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def release_status(self) -> None:
+        """Stop writing the status file (call before releasing the lock)."""
+        self._heartbeat_stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            self._heartbeat = None
+        with self._status_lock:
+            self._writing = False
 
     def close(self) -> None:
         self._closed.set()
+        self.release_status()
 
     # internals -----------------------------------------------------------------------------
     def _rate(self, now: float) -> float:
@@ -164,7 +196,7 @@ class Monitor:
         (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
         return (b1 - b0) / (t1 - t0) if t1 > t0 else self._event.bytes_per_s
 
-    def _publish(self, force: bool = False, write_status: bool = True) -> None:
+    def _publish(self, force: bool = False) -> None:
         event = self._event
         with self._lock:
             subs = list(self._subscribers)
@@ -177,12 +209,19 @@ class Monitor:
         for sub in subs:
             sub.send(event, force=force or final or step)
         self._log_decile(event)
-        if write_status and self.status_path is not None:
+        if self._writing:
             now = time.monotonic()
             if force or final or now - self._status_written >= 0.25:
                 self._status_written = now
+                self._write_status()
+
+    def _write_status(self) -> None:
+        # Serialised, and the event read inside: a heartbeat never writes an older event over
+        # a newer one (say "downloading" over "installed").
+        with self._status_lock:
+            if self._writing and self.status_path is not None:
                 extra = {"failures": self.failures} if self.failures else None
-                write_status_file(self.status_path, event, self.started_at, extra)
+                write_status_file(self.status_path, self._event, self.started_at, extra)
 
     def _log_decile(self, event: ProgressEvent) -> None:
         fraction = event.fraction

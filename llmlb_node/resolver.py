@@ -28,6 +28,7 @@ from .errors import (
     SourceFailure,
 )
 from .progress import (
+    FINAL_STAGES,
     Monitor,
     ProgressCallback,
     ProgressEvent,
@@ -192,7 +193,8 @@ class ModelResolver:
             return flight.result
         except BaseException as exc:
             flight.error = exc
-            self._record_failure(entry, flight.monitor, exc)
+            if flight.monitor.event.stage not in FINAL_STAGES:  # not recorded under the lock
+                self._record_failure(entry, flight.monitor, exc)
             raise
         finally:
             with _FLIGHTS_LOCK:
@@ -309,8 +311,13 @@ class ModelResolver:
                 record = self.store.lookup(entry.id, entry)
                 if record is not None:  # finished by someone else while we queued
                     return self._finish(entry, record, monitor, "local")
+                monitor.hold_status(heartbeat=min(5.0, self._stale_after() / 4))
                 return self._fetch(entry, monitor)
+            except BaseException as exc:
+                self._record_failure(entry, monitor, exc)  # while we still own the status file
+                raise
             finally:
+                monitor.release_status()  # before the lock: the next holder's status is its own
                 if lock is not None:
                     lock.release()
         finally:
@@ -319,9 +326,10 @@ class ModelResolver:
     def _lock_or_installed(self, entry: ModelEntry, monitor: Monitor) -> Any:
         """Take the model's cross-process lock, or return the record another process installed.
 
-        Returns None (go on without the lock) when the holder looks hung: its status file has
-        not moved for several stall windows. Correctness never depends on the lock: every
-        writer has its own temporary file and publishes with an atomic rename.
+        A waiter only reads the holder's status file (it never writes it). Returns None (go on
+        without the lock) only when the holder is gone: its pid is dead on this host, or its
+        heartbeat has not moved for several stall windows. Correctness never depends on the
+        lock: every writer has its own temporary file and publishes with an atomic rename.
         """
         from filelock import FileLock, Timeout
 
@@ -340,7 +348,7 @@ class ModelResolver:
             record = self.store.lookup(entry.id, entry)
             if record is not None:
                 return record
-            data = read_status_file(self.store.status_path(entry.id))
+            data = _others_status(read_status_file(self.store.status_path(entry.id)))
             if not announced:
                 announced = True
                 holder = (
@@ -348,21 +356,20 @@ class ModelResolver:
                 )
                 log.info("%s: %s is downloading it; waiting", entry.id, holder)
                 monitor.stage("waiting", message=f"{holder} is downloading it")
-            if data is not None and data.get("pid") != os.getpid():
+            # The grace covers a new holder that has not written its first status yet.
+            grace_over = time.monotonic() - waiting_since > min(stale_after, 1.0)
+            if data is not None:
                 other = event_from_status(data)
                 if other.stage in ("downloading", "verifying"):
                     monitor.relay(other)
-                updated = float(data.get("updated_at") or 0)
-                # The grace covers a new holder that has not written its first status yet.
-                waited = time.monotonic() - waiting_since
-                if time.time() - updated > stale_after and waited > min(stale_after, 1.0):
+                why = _holder_gone(data, stale_after)
+                if why is not None and grace_over:
                     log.warning(
-                        "%s: the download held by pid %s on %s has not moved for %.0fs; "
-                        "taking over",
+                        "%s: the download held by pid %s on %s %s; taking over",
                         entry.id,
                         data.get("pid"),
                         data.get("host"),
-                        time.time() - updated,
+                        why,
                     )
                     return None
             elif time.monotonic() - waiting_since > stale_after:
@@ -549,6 +556,24 @@ def _fallback_note(failures: list[SourceFailure]) -> str:
         return ""
     causes = "; ".join(f"{f.source} failed: [{f.kind}] {f.message}" for f in tried)
     return f" (after {causes})"
+
+
+def _others_status(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Another process's status; one naming this very process is a leftover of ours."""
+    if data is None or (data.get("pid") == os.getpid() and data.get("host") == hostname()):
+        return None
+    return data
+
+
+def _holder_gone(data: dict[str, Any], stale_after: float) -> str | None:
+    """Why the status file's writer cannot be holding the lock any more, or None if it may."""
+    pid = data.get("pid")
+    if data.get("host") == hostname() and isinstance(pid, int) and not pid_alive(pid):
+        return "has exited"
+    quiet = time.time() - (data.get("updated_at") or 0)
+    if quiet > stale_after:
+        return f"has not written a heartbeat for {quiet:.0f}s"
+    return None
 
 
 def _from_event(event: ProgressEvent, error: str | None, pid: int | None) -> ModelStatus:

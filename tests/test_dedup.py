@@ -16,6 +16,7 @@ from gguf import make_gguf, sha256_hex
 from world import MODEL_ID, World
 
 from llmlb_node import ModelDownloadError, ProgressEvent
+from llmlb_node.progress import read_status_file
 
 MIB = 1024 * 1024
 
@@ -213,6 +214,63 @@ def test_a_hung_lock_holder_is_taken_over(world: World) -> None:
         holder.wait()
 
     assert sha256_hex(resolved.path.read_bytes()) == world.sha256
+    assert took < 10
+
+
+def test_a_holder_sleeping_on_retry_after_is_not_taken_over(world: World) -> None:
+    # Holder A gets 429 Retry-After: 8 on its Hub metadata request and sleeps 8 s, as long as a
+    # waiter's patience (LLMLB_STALL_TIMEOUT=2: 4 stall windows). Its heartbeat keeps it alive.
+    world.hub.fail_5xx(1, status=429, retry_after=8, methods=("HEAD",))
+    holder = _spawn(world, MODEL_ID, 1)
+    deadline = time.monotonic() + 30
+    while not any(r.status == 429 for r in world.hub.requests):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    waiter = _spawn(world, MODEL_ID, 1)
+    status_path = world.models_dir / ".llmlb" / MODEL_ID / "status.json"
+    writers = set()
+    while holder.poll() is None or waiter.poll() is None:
+        data = read_status_file(status_path)
+        if data is not None:
+            writers.add(data["pid"])
+        time.sleep(0.05)
+
+    results = _results(holder) + _results(waiter)
+    assert results == [str(world.installed_path())] * 2
+    assert writers == {holder.pid}  # the waiter only read the holder's status file
+    gets = [r for r in world.hub.cdn.requests if r.method == "GET"]
+    assert len(gets) == 1 and world.hub.cdn.bytes_sent == len(world.content)
+    assert world.proxy.request_count == 0
+    assert world.installed_path().read_bytes() == world.content
+
+
+def test_a_status_naming_a_dead_pid_is_taken_over_at_once(world: World) -> None:
+    # The lock is held by a process that wrote no status, and the status file left behind names
+    # a pid that has exited: that holder is gone, whatever the file's age.
+    lock_path = world.models_dir / ".llmlb" / MODEL_ID / "lock"
+    lock_path.parent.mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    status = {"model_id": MODEL_ID, "stage": "downloading", "pid": gone.pid}
+    status.update(host=os.uname().nodename, updated_at=time.time() + 60)
+    (lock_path.parent / "status.json").write_text(json.dumps(status))
+    hold = (
+        "import sys, time, filelock; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(lock_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        start = time.monotonic()
+        resolved = world.resolver(stall_timeout=30).resolve(MODEL_ID)  # patience: 120 s
+        took = time.monotonic() - start
+    finally:
+        holder.kill()
+        holder.wait()
+
+    assert resolved.path.read_bytes() == world.content
     assert took < 10
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import subprocess
 import sys
@@ -309,6 +310,7 @@ def test_no_log_line_without_a_known_total(caplog: pytest.LogCaptureFixture) -> 
 def test_status_file_is_written_and_read_back(tmp_path: Path) -> None:
     path = tmp_path / "meta" / "status.json"
     monitor = Monitor("m", path)
+    monitor.hold_status(heartbeat=60)
     monitor.file_started("m.gguf", "src", 1000)
 
     data = read_status_file(path)
@@ -322,6 +324,28 @@ def test_status_file_is_written_and_read_back(tmp_path: Path) -> None:
     assert back == monitor.event and back.stage == "installed"
 
 
+def test_only_the_holder_writes_and_it_heartbeats_while_idle(tmp_path: Path) -> None:
+    path = tmp_path / "status.json"
+    waiter = Monitor("m", path)
+    waiter.stage("waiting", message="pid 1 is downloading it")
+    waiter.relay(ProgressEvent("m", "m.gguf", "src", "downloading", 10, 100))
+    assert not path.exists()  # a waiter keeps its view in memory
+
+    holder = Monitor("m", path)
+    holder.hold_status(heartbeat=0.05)
+    holder.stage("resolving")  # then nothing happens (a Retry-After sleep, say)
+    first = (read_status_file(path) or {})["updated_at"]
+    time.sleep(0.3)
+    beat = read_status_file(path) or {}
+    assert beat["updated_at"] > first and beat["stage"] == "resolving"
+
+    holder.stage("installed", message="/models/m/m.gguf")
+    holder.release_status()
+    holder.stage("failed")  # after releasing, nothing more is written
+    time.sleep(0.1)
+    assert (read_status_file(path) or {})["stage"] == "installed"
+
+
 def test_status_file_reading_tolerates_garbage(tmp_path: Path) -> None:
     assert read_status_file(tmp_path / "absent.json") is None
     (tmp_path / "bad.json").write_text("{nope")
@@ -330,6 +354,34 @@ def test_status_file_reading_tolerates_garbage(tmp_path: Path) -> None:
     assert read_status_file(tmp_path / "list.json") is None
     sparse = event_from_status({"model_id": "m", "stage": "waiting"})
     assert (sparse.downloaded, sparse.bytes_per_s, sparse.stalled) == (0, 0.0, False)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"total": "10"},
+        {"updated_at": "x"},
+        {"updated_at": time.time() + 86400},  # "fresh" for a day: would keep waiters waiting
+        {"downloaded": -1},
+        {"stage": "exploding"},
+        {"pid": "123"},
+        {"stalled": "no"},
+        {"bytes_per_s": float("nan")},
+        {"model_id": None},
+    ],
+)
+def test_a_malformed_status_file_is_absent(
+    tmp_path: Path, bad: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "status.json"
+    good = {"model_id": "m", "stage": "downloading", "downloaded": 5, "total": 10, "pid": 1}
+    path.write_text(json.dumps(good))
+    assert read_status_file(path) == good
+    path.write_text(json.dumps({**good, **bad}))
+    assert read_status_file(path) is None
+    assert read_status_file(path) is None
+    warnings = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0]
 
 
 def test_write_status_file_leaves_no_temporary_file(tmp_path: Path) -> None:
@@ -343,6 +395,7 @@ import sys, time
 from pathlib import Path
 from llmlb_node.progress import Monitor
 monitor = Monitor("tiny", Path(sys.argv[1]))
+monitor.hold_status(heartbeat=60)
 monitor.file_started("tiny.gguf", "huggingface:org/tiny", 1000)
 time.sleep(0.3)  # status files are rewritten at most every 0.25 s
 monitor.bytes(400, 1000)
