@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import CatalogError, InvalidModelIdError, UnsupportedModelError
 
@@ -321,6 +322,9 @@ def _parse_sources(
                 or not all(isinstance(u, str) and u for u in urls.values())
             ):
                 raise err(f"{label}.urls", "must map every filename of the model to a URL")
+            for where, url in _source_urls(label, options):
+                if not _is_http_url(url):
+                    raise err(where, f"{url!r} is not an http:// or https:// URL with a host")
         elif kind == "python-package":
             parts = options.get("files")
             if parts is None and isinstance(options.get("parts"), list) and len(files) == 1:
@@ -388,3 +392,19 @@ def _optional_sha(raw: dict, key: str, err: _EntryErrors, prefix: str = "") -> s
     if not isinstance(value, str) or not SHA256_PATTERN.fullmatch(value.lower()):
         raise err(f"{prefix}.{key}" if prefix else key, "must be 64 hex digits")
     return value.lower()
+
+
+def _source_urls(label: str, options: dict[str, Any]) -> list[tuple[str, str]]:
+    if isinstance(options.get("url"), str):
+        return [(f"{label}.url", options["url"])]
+    return [(f"{label}.urls[{name!r}]", url) for name, url in options["urls"].items()]
+
+
+def _is_http_url(url: str) -> bool:
+    """Only http(s) with a host: a URL without a scheme, or file:, must not reach the network
+    code (it would be retried as a network error, or read a local file)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)

@@ -12,7 +12,7 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Union
+from typing import Union
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,20 @@ class GGUFHeader:
 def read_header(path: str | os.PathLike[str], *, tensors: bool = True) -> GGUFHeader:
     """Parse the header of the GGUF at `path`; raise `GGUFError` (malformed or cut short)
     or `OSError`. With ``tensors=False`` it stops after the metadata (data fields are 0)."""
-    with open(path, "rb", buffering=0) as fh:
-        return _Parser(fh).parse(tensors=tensors)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _Parser(fd).parse(tensors=tensors)
+    finally:
+        os.close(fd)
+
+
+def read_header_prefix(fd: int, available: int) -> GGUFHeader | None:
+    """The header of a GGUF still being written to `fd`, if its first `available` bytes (all
+    that is written so far) hold the whole header; else None. Never raises `GGUFError`."""
+    try:
+        return _Parser(fd, limit=available).parse(tensors=True)
+    except GGUFError:
+        return None
 
 
 def check_complete(path: str | os.PathLike[str], *, name: str | None = None) -> GGUFHeader:
@@ -149,9 +161,12 @@ def check_complete(path: str | os.PathLike[str], *, name: str | None = None) -> 
 def block_count(path: str | os.PathLike[str]) -> int | None:
     """The model's layer count from its GGUF header, or None if it cannot be read."""
     try:
-        with open(path, "rb", buffering=0) as fh:
-            parser = _Parser(fh)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            parser = _Parser(fd)
             parser.parse(tensors=False, stop=_has_block_count)
+        finally:
+            os.close(fd)
     except (OSError, GGUFError):
         return None
     value = _block_count_of(parser.metadata)
@@ -170,9 +185,10 @@ def _has_block_count(meta: dict[str, Value]) -> bool:
 class _Parser:
     """A forward-only reader over a window of the file, refilled in large blocks."""
 
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
-        self.size = os.fstat(fh.fileno()).st_size
+    def __init__(self, fd: int, limit: int | None = None) -> None:
+        self.fd = fd
+        self.file_size = os.fstat(fd).st_size
+        self.size = self.file_size if limit is None else min(limit, self.file_size)
         self.buf = b""
         self.base = 0  # file offset of buf[0]
         self.pos = 0  # file offset of the next unread byte
@@ -226,7 +242,7 @@ class _Parser:
             alignment=alignment,
             data_offset=data_offset,
             data_end=data_end,
-            file_size=self.size,
+            file_size=self.file_size,
         )
 
     def _value(self, key: str, kind: int) -> None:
@@ -300,8 +316,7 @@ class _Parser:
         keep = self.buf[self.pos - self.base :] if self.pos < have else b""
         start = max(self.pos, have)
         want = max(end - start, 1 << 20, 2 * len(keep))
-        self.fh.seek(start)
-        more = self.fh.read(min(want, self.size - start))
+        more = os.pread(self.fd, min(want, self.size - start), start)
         self.buf = keep + more
         self.base = self.pos if self.pos < have else start
         if self.base + len(self.buf) < end:

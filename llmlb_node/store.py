@@ -95,9 +95,10 @@ class Partial:
     meta_path: Path
     meta: dict[str, Any]
 
-    def save(self) -> None:
+    def save(self, durable: bool = False) -> None:
+        """Write the sidecar; `durable` waits until it is on disk (it vouches for bytes)."""
         self.meta.update(pid=os.getpid(), host=hostname(), updated_at=time.time())
-        write_atomic(self.meta_path, json.dumps(self.meta).encode(), fsync=False)
+        write_atomic(self.meta_path, json.dumps(self.meta).encode(), fsync=durable)
 
     @property
     def done(self) -> int:

@@ -1116,3 +1116,57 @@ class ProxyServer(LoopbackServer):
             return
         name = os.path.basename(filename)
         self.send_blob(h, rec, blob, {"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+# --------------------------------------------------------------------------- scripted liars
+
+
+@dataclass
+class Reply:
+    """One scripted answer. `cut` stops the body after that many bytes (the connection closes
+    after every reply, so a body without Content-Length simply ends there)."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    cut: int | None = None
+
+
+def requested_range(rec: RecordedRequest, size: int) -> tuple[int, int] | None:
+    """The (start, end_exclusive) a request's Range asks of a `size`-byte file, or None."""
+    parsed = _parse_range(rec.headers.get("range", ""), size)
+    return parsed if isinstance(parsed, tuple) else None
+
+
+def honest_reply(content: bytes, rec: RecordedRequest, etag: str | None = None) -> Reply:
+    """What a truthful server answers: 206 for a satisfiable Range, else 200; lengths exact."""
+    headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+    if etag:
+        headers["ETag"] = etag
+    wanted = requested_range(rec, len(content))
+    if wanted is None:
+        return Reply(200, {**headers, "Content-Length": str(len(content))}, content)
+    start, end = wanted
+    headers["Content-Length"] = str(end - start)
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(content)}"
+    return Reply(206, headers, content[start:end])
+
+
+class ScriptedServer(LoopbackServer):
+    """Answers every GET with `respond(request) -> Reply`: any status, headers and body, true or
+    not. For servers that lie in ways the Hub and proxy stand-ins do not."""
+
+    def __init__(self, respond: Any, host: str = LOCALHOST, port: int = 0) -> None:
+        self.respond = respond
+        super().__init__(host, port)
+
+    def handle_request(self, h: _Handler, rec: RecordedRequest) -> None:
+        reply: Reply = self.respond(rec)
+        h.close_connection = True
+        self.send_head(h, rec, reply.status, [*reply.headers.items(), ("Connection", "close")])
+        body = reply.body if reply.cut is None else reply.body[: reply.cut]
+        if rec.method != "HEAD" and body:
+            self._count(rec, len(body))
+            h.wfile.write(body)
+            h.wfile.flush()
+        self._abort(h)
