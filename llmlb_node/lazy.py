@@ -6,7 +6,8 @@ Construction is free (no I/O, no llama_cpp import); the first inference call loa
 from __future__ import annotations
 
 import ast
-import collections.abc
+import copy
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -16,7 +17,7 @@ import textwrap
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .offload import OffloadPlan
     from .progress import ProgressCallback
     from .resolver import ModelResolver, ResolvedModel
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -236,30 +238,70 @@ def _check_gpu_layers(value: object) -> None:
 
 
 # -- the lock -----------------------------------------------------------------------------------
+_TAKEN, _NESTED, _SKIPPED = 0, 1, 2
+
+# Calls that read the vocabulary or sizes but never the context's decoding state: they may run
+# while this thread's own stream is paused between items (the README's
+# ``for t in llm.generate(tokens): llm.detokenize([t])``), as they may with a plain Llama.
+_NON_DECODING = frozenset(
+    (
+        "tokenize",
+        "detokenize",
+        "n_ctx",
+        "n_embd",
+        "n_vocab",
+        "token_bos",
+        "token_eos",
+        "token_nl",
+        "tokenizer",
+    )
+)
+
+
 class _ModelLock:
     """Serializes use of one llama.cpp context.
 
     Re-entrant per thread (a stopping criterion or logits processor may call back into the same
-    LazyLlama), releasable from any thread, and holdable by an open stream between chunks: a
+    LazyLlama), releasable from any thread, and holdable by an open stream between items: a
     stream `detach`es (held, no owning thread) before yielding and `attach`es to whichever
-    thread resumes it, so a stream may be consumed from a thread pool.
+    thread resumes it, so a stream may be consumed from a thread pool. The thread that last
+    advanced a paused stream is its `_streamer`: that thread never waits on its own stream
+    (which only it could resume): it may tokenize and detokenize, and a second generation
+    raises `RuntimeError` instead of hanging. Other threads wait their turn.
     """
 
-    __slots__ = ("_lock", "_owner", "_depth")
+    __slots__ = ("_lock", "_owner", "_depth", "_streamer")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._depth = 0
+        self._streamer: int | None = None
 
-    def acquire(self) -> bool:
-        """Take the lock; True if this is the outermost acquisition."""
+    def acquire(self, decoding: bool = True, what: str = "start another generation") -> int:
+        """Take the lock: `_TAKEN` (outermost), `_NESTED`, or `_SKIPPED` (not taken)."""
         me = threading.get_ident()
         if self._owner == me:  # only this thread ever stores its own ident
             self._depth += 1
-            return False
+            return _NESTED
+        if self._streamer == me:
+            if decoding:
+                raise RuntimeError(
+                    f"cannot {what}: a stream of this LazyLlama is open on this thread "
+                    "(paused between items); consume or close() it first (llama.cpp has one "
+                    "decoding state per model, and waiting here would wait forever)"
+                )
+            return _SKIPPED
         self._lock.acquire()
         self._owner = me
+        self._depth = 1
+        return _TAKEN
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (for finalizers, which must never wait)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        self._owner = threading.get_ident()
         self._depth = 1
         return True
 
@@ -267,136 +309,74 @@ class _ModelLock:
         self._depth -= 1
         if not self._depth:
             self._owner = None
+            self._streamer = None
             self._lock.release()
 
     def detach(self) -> None:
+        self._streamer = self._owner
         self._owner = None
 
     def attach(self) -> None:
         self._owner = threading.get_ident()
+        self._streamer = None
 
     def __enter__(self) -> _ModelLock:
-        self.acquire()
+        self.acquire(what="close this LazyLlama")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-_NEW, _OPEN, _DONE = 0, 1, 2
 _PLAIN = frozenset({dict, list, tuple, str, bytes, int, float, bool, type(None)})
 
 
-class _LockedStream(collections.abc.Generator):  # type: ignore[type-arg]
-    """A streamed result that holds the model lock from its first item until it ends or closes.
+def _locked_stream(lock: _ModelLock, start: Callable[[], Any]) -> Generator[Any, Any, Any]:
+    """A streamed result holding the model lock from its first item until it ends or closes.
 
-    Forwards ``send``/``throw``/``close`` (``Llama.generate`` uses ``send``). The lock is taken
-    lazily, at the first item, so creating a stream never blocks (an event loop may create one
-    while another stream is open) and a stream that is never iterated never holds the lock.
-    With `start`, the call that makes the inner iterator is itself deferred to the first item.
+    A real generator (``send``, ``throw`` and ``close`` reach the inner iterator:
+    ``Llama.generate`` uses ``send``). Nothing runs until the first item, so creating a stream
+    never blocks (an event loop may create one while another stream is open) and a stream that
+    is never iterated never holds the lock; `start` makes the inner iterator under the lock.
     """
-
-    __slots__ = ("_it", "_start", "_lock", "_state", "_outer", "_busy", "__weakref__")
-
-    def __init__(
-        self,
-        lock: _ModelLock,
-        it: Iterator[Any] | None = None,
-        start: Callable[[], Any] | None = None,
-    ) -> None:
-        self._it = it
-        self._start = start
-        self._lock = lock
-        self._state = _NEW
-        self._outer = False
-        self._busy = threading.Lock()
-
-    def send(self, value: Any) -> Any:
-        return self._step(value, None)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        if isinstance(typ, BaseException):
-            exc = typ
-        elif isinstance(val, BaseException):
-            exc = val
-        else:
-            exc = typ() if val is None else typ(val)
-        if tb is not None:
-            exc = exc.with_traceback(tb)
-        return self._step(None, exc)
-
-    def _step(self, value: Any, exc: BaseException | None) -> Any:
-        if not self._busy.acquire(blocking=False):
-            raise ValueError("generator already executing")
-        try:
-            if self._state == _DONE:
-                if exc is not None:
-                    raise exc
-                raise StopIteration
-            if self._state == _NEW:
-                if exc is not None:  # like a generator that never started
-                    self._state = _DONE
-                    raise exc
-                self._outer = self._lock.acquire()
-                self._state = _OPEN
-                if self._start is not None:
-                    try:
-                        self._it = _as_iterator(self._start())
-                    except BaseException:
-                        self._state = _DONE
-                        self._lock.release()
-                        raise
-                    finally:
-                        self._start = None
-            elif self._outer:
-                self._lock.attach()
+    taken = lock.acquire()  # a second stream on this thread raises instead of waiting
+    outer = taken == _TAKEN
+    it: Any = None
+    try:
+        it = _as_iterator(start())
+        value: Any = None
+        error: BaseException | None = None
+        while True:
             try:
-                if exc is not None:
-                    if not hasattr(self._it, "throw"):
-                        raise exc
-                    item = self._it.throw(exc)
+                if error is not None:
+                    throw = getattr(it, "throw", None)
+                    if throw is None:
+                        raise error
+                    item = throw(error)
                 elif value is None:
-                    item = next(self._it)
+                    item = next(it)
                 else:
-                    item = self._it.send(value)  # type: ignore[union-attr]
-            except BaseException:
-                self._finish()
+                    item = it.send(value)
+            except StopIteration as stop:
+                return stop.value
+            if outer:
+                lock.detach()
+            try:
+                value, error = (yield item), None
+            except GeneratorExit:
                 raise
-            if self._outer:
-                self._lock.detach()
-            return item
-        finally:
-            self._busy.release()
-
-    def close(self) -> None:
-        if not self._busy.acquire(blocking=False):
-            raise ValueError("generator already executing")
+            except BaseException as exc:  # thrown in by the consumer: forward it inside
+                value, error = None, exc
+            finally:
+                if outer:
+                    lock.attach()
+    finally:
         try:
-            if self._state == _OPEN:
-                if self._outer:
-                    self._lock.attach()
-                self._finish()
-            elif self._state == _NEW:
-                self._state = _DONE
-                self._start = None
-        finally:
-            self._busy.release()
-
-    def _finish(self) -> None:
-        """Close the inner iterator (still under the lock), then release the lock."""
-        self._state = _DONE
-        try:
-            close = getattr(self._it, "close", None)
+            close = getattr(it, "close", None)
             if close is not None:
-                close()
+                close()  # still under the lock
         finally:
-            self._lock.release()
-
-    def __del__(self) -> None:
-        try:  # noqa: SIM105 - contextlib may be gone at interpreter shutdown
-            self.close()
-        except Exception:
-            pass
+            lock.release()
 
 
 def _as_iterator(result: Any) -> Iterator[Any]:
@@ -436,6 +416,44 @@ def _reload_and_call(owner_ref: weakref.ref[LazyLlama], name: str, args: Any, kw
     return getattr(owner._load_locked(), name)(*args, **kwargs)
 
 
+class _LlamaMethod:
+    """A ``llama_cpp.Llama`` method as reached before the model is loaded (loading binds a
+    locked wrapper of the same name in the instance ``__dict__``, which shadows this)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.__doc__ = f"``llama_cpp.Llama.{name}``, loading the model first if needed."
+
+    def __get__(self, obj: LazyLlama | None, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return _PendingCall(obj, self.name)
+
+
+class _PendingCall:
+    """``llm.create_completion`` before the load: calling it loads the model and calls it;
+    ``inspect.signature`` shows Llama's own signature (importing llama_cpp only then)."""
+
+    __slots__ = ("_owner", "__name__")
+
+    def __init__(self, owner: LazyLlama, name: str) -> None:
+        self._owner = owner
+        self.__name__ = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._owner._bound(self.__name__)(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        from llama_cpp import Llama
+
+        sig = inspect.signature(getattr(Llama, self.__name__))
+        return sig.replace(parameters=list(sig.parameters.values())[1:])  # without self
+
+    def __repr__(self) -> str:
+        return f"<unloaded method LazyLlama.{self.__name__} of {self._owner!r}>"
+
+
 # -- LazyLlama ----------------------------------------------------------------------------------
 class LazyLlama:
     """A model by id that behaves like `llama_cpp.Llama`, loading itself on first use.
@@ -450,9 +468,18 @@ class LazyLlama:
     instance.
 
     One llama.cpp context is not thread-safe, so calls on one LazyLlama are serialized. A
-    ``stream=True`` call returns at once; the stream takes the lock at its first item and holds
-    it until it is exhausted or closed, so two streams never interleave (a stream may be pulled
-    from any thread). Consume or close a stream before calling ``close()`` from its thread.
+    ``stream=True`` call returns a generator at once; it takes the lock at its first item and
+    holds it until it is exhausted or closed, so two streams never interleave (a stream may be
+    pulled from any thread). Nothing ever waits on its own thread's open stream: ``tokenize``,
+    ``detokenize`` and attribute reads proceed, while a second generation (or ``close()``) on
+    that thread raises `RuntimeError`; other threads wait their turn.
+
+    Not a subclass: ``isinstance(llm, llama_cpp.Llama)`` is False. `llama` is the loaded
+    ``llama_cpp.Llama`` for code that checks types. Attribute writes (``llm.chat_format =
+    "chatml"``, ``llm.verbose = True``) reach the model, and before the load are applied right
+    after it. Pickling and copying give an independent LazyLlama for the same id, keyword
+    arguments and store that loads again on first use (secrets and the progress callback are not
+    pickled: the unpickled one reads ``HF_TOKEN``/``LLMLB_API_KEY`` from its environment).
 
     In an asyncio server, load and infer in a worker thread so the event loop keeps running::
 
@@ -486,6 +513,8 @@ class LazyLlama:
         self._model_id = model_id
         self._resolver = resolver
         self._owns_resolver = resolver is None
+        self._settings: Settings | None = None  # for the resolver built on first use
+        self._writes: dict[str, Any] = {}  # Llama attributes set on us: applied at every load
         self._progress = progress
         self._n_gpu_layers: int | str | None = n_gpu_layers
         self._llama_kwargs = llama_kwargs
@@ -502,10 +531,26 @@ class LazyLlama:
         return self._model_id
 
     @property
-    def model_path(self) -> Path | None:
-        """The resolved main GGUF file, or None before resolution."""
+    def model_path(self) -> str | None:
+        """The main GGUF file (a str, as ``Llama.model_path``): once resolved, or when installed.
+
+        None for a model that is not installed yet (finding out never uses the network).
+        """
         resolved = self._resolved
-        return None if resolved is None else resolved.path
+        if resolved is None:
+            installed = self._get_resolver().installed(self._model_id)
+            if installed is None:
+                return None
+            self._resolved = resolved = installed
+        return str(resolved.path)
+
+    @property
+    def llama(self) -> Llama:
+        """The loaded ``llama_cpp.Llama`` (loading it if needed), for code that checks its type.
+
+        Calls made on it directly bypass this LazyLlama's serialization of threads.
+        """
+        return self.load()
 
     @property
     def is_loaded(self) -> bool:
@@ -573,35 +618,20 @@ class LazyLlama:
             call = self._bound("__call__")
         return call(*args, **kwargs)
 
-    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
-        """``llama_cpp.Llama.create_completion``, loading the model first if needed."""
-        return self._bound("create_completion")(*args, **kwargs)
-
-    def create_chat_completion(self, *args: Any, **kwargs: Any) -> Any:
-        """``llama_cpp.Llama.create_chat_completion``, loading the model first if needed."""
-        return self._bound("create_chat_completion")(*args, **kwargs)
-
-    def create_embedding(self, *args: Any, **kwargs: Any) -> Any:
-        """``llama_cpp.Llama.create_embedding``, loading the model first if needed."""
-        return self._bound("create_embedding")(*args, **kwargs)
-
-    def embed(self, *args: Any, **kwargs: Any) -> Any:
-        """``llama_cpp.Llama.embed``, loading the model first if needed."""
-        return self._bound("embed")(*args, **kwargs)
-
-    def tokenize(self, *args: Any, **kwargs: Any) -> Any:
-        """``llama_cpp.Llama.tokenize``, loading the model first if needed."""
-        return self._bound("tokenize")(*args, **kwargs)
-
-    def detokenize(self, *args: Any, **kwargs: Any) -> Any:
-        """``llama_cpp.Llama.detokenize``, loading the model first if needed."""
-        return self._bound("detokenize")(*args, **kwargs)
+    create_completion = _LlamaMethod()
+    create_chat_completion = _LlamaMethod()
+    create_embedding = _LlamaMethod()
+    embed = _LlamaMethod()
+    tokenize = _LlamaMethod()
+    detokenize = _LlamaMethod()
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names not found normally: private names never load anything (copy,
         # pickle and friends probe them), nor do names llama_cpp.Llama does not have.
         if name.startswith("_"):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if self._slot.llama is None and name in self._writes:
+            return self._writes[name]  # written before the load: reading it loads nothing
         known = _llama_api().attributes
         if known is not None and name not in known and self._slot.llama is None:
             raise AttributeError(self._no_attribute(name, known))
@@ -614,6 +644,93 @@ class LazyLlama:
             return self._bound(name)
         return value  # data attributes are read live, never cached
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Our own state and API stay ours; any other name is a Llama attribute (chat_format,
+        # verbose, cache, ...): it must reach the model, now and after every (re)load.
+        if name.startswith("_") or hasattr(type(self), name):
+            object.__setattr__(self, name, value)
+            return
+        with self._bind_lock:
+            self._writes[name] = value
+            llama = self._slot.llama
+            if llama is not None:
+                setattr(llama, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name.startswith("_") or hasattr(type(self), name) or name in self.__dict__:
+            object.__delattr__(self, name)
+            return
+        with self._bind_lock:
+            self._writes.pop(name, None)
+            llama = self._slot.llama
+            if llama is not None:
+                delattr(llama, name)
+
+    # -- copies and pickles: an independent instance that loads on first use ----------------
+    def __getstate__(self) -> dict[str, Any]:
+        resolver = self._resolver
+        settings = resolver.settings if resolver is not None else self._settings
+        if settings is not None:  # secrets never go into a pickle
+            settings = dataclasses.replace(settings, hf_token=None, llmlb_api_key=None)
+        return {
+            "model_id": self._model_id,
+            "llama_kwargs": self.llama_kwargs,
+            "settings": settings,
+            "writes": dict(self._writes),
+            "llama_factory": self.__dict__.get("llama_factory"),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        LazyLlama.__init__(self, state["model_id"], **state["llama_kwargs"])
+        settings = state.get("settings")
+        if settings is not None:
+            from .settings import Settings
+
+            own = Settings.from_env()
+            self._settings = dataclasses.replace(
+                settings, hf_token=own.hf_token, llmlb_api_key=own.llmlb_api_key
+            )
+        self._writes.update(state.get("writes") or {})
+        if state.get("llama_factory") is not None:
+            self.llama_factory = state["llama_factory"]
+
+    def __copy__(self) -> LazyLlama:
+        clone = type(self).__new__(type(self))
+        LazyLlama.__init__(
+            clone,
+            self._model_id,
+            resolver=None if self._owns_resolver else self._resolver,
+            progress=self._progress,
+            **self.llama_kwargs,
+        )
+        if self._owns_resolver:
+            clone._settings = self._resolver.settings if self._resolver else self._settings
+        clone._writes.update(self._writes)
+        if "llama_factory" in self.__dict__:
+            clone.llama_factory = self.__dict__["llama_factory"]
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LazyLlama:
+        clone = self.__copy__()
+        clone._writes = copy.deepcopy(self._writes, memo)
+        return clone
+
+    def __del__(self) -> None:
+        """Free the model now if no call or stream is using it (a finalizer never waits)."""
+        try:
+            slot = self.__dict__.get("_slot")
+            if slot is None or slot.llama is None or not slot.lock.try_acquire():
+                return
+            try:
+                llama, slot.llama = slot.llama, None
+                close = getattr(llama, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                slot.lock.release()
+        except Exception:  # noqa: BLE001 - nothing may escape a finalizer
+            pass
+
     def __dir__(self) -> list[str]:
         names = set(super().__dir__())
         names.update(_llama_api().attributes or ())
@@ -622,7 +739,7 @@ class LazyLlama:
     def __repr__(self) -> str:
         slot = self._slot
         plan = slot.plan
-        path = self.model_path
+        path = self._resolved.path if self._resolved is not None else None
         if slot.llama is not None and plan is not None:
             state = f"loaded from {path} ({plan.backend}, {plan.layers_text})"
         elif path is not None:
@@ -639,7 +756,7 @@ class LazyLlama:
                 if self._resolver is None:
                     from .resolver import ModelResolver
 
-                    self._resolver = ModelResolver()
+                    self._resolver = ModelResolver(self._settings)
                 resolver = self._resolver
         return resolver
 
@@ -683,6 +800,7 @@ class LazyLlama:
         slot = self._slot
         lock = slot.lock
         acquire, release = lock.acquire, lock.release
+        decoding = name not in _NON_DECODING
         owner_ref = weakref.ref(self)
         params = _parameters(fn)
         generator = inspect.isgeneratorfunction(fn)
@@ -695,18 +813,19 @@ class LazyLlama:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             if generator or (may_stream and kwargs.get("stream")):
-                return _LockedStream(lock, start=functools.partial(invoke, args, kwargs))
-            acquire()
+                return _locked_stream(lock, functools.partial(invoke, args, kwargs))
+            taken = acquire(decoding)
             try:
                 if slot.llama is llama:
                     result = fn(*args, **kwargs)
                 else:
                     result = _reload_and_call(owner_ref, name, args, kwargs)
             finally:
-                release()
+                if taken != _SKIPPED:
+                    release()
             if type(result) in _PLAIN or not isinstance(result, Iterator):
                 return result
-            return _LockedStream(lock, it=result)  # a stream we could not foresee
+            return _locked_stream(lock, lambda: result)  # a stream we could not foresee
 
         functools.update_wrapper(call, fn)
         self.__dict__[name] = call
@@ -753,6 +872,8 @@ class LazyLlama:
             plan.layers_text,
         )
         with self._bind_lock:
+            for name, value in self._writes.items():
+                setattr(llama, name, value)
             slot.plan = plan
             slot.llama = llama
             self._closed = False

@@ -6,7 +6,6 @@ Nothing reaches the network: the store is filled once from the installed demo Py
 from __future__ import annotations
 
 import asyncio
-import collections.abc
 import inspect
 import json
 import logging
@@ -301,10 +300,10 @@ def test_prefetch_resolves_without_loading(store: Store, resolver: ModelResolver
     assert store.resolved.path.stat().st_size == 253_113_024
 
     llm = make(resolver)
-    assert llm.model_path is None
+    assert llm.model_path == str(store.resolved.path)  # installed: known without resolving
     resolved = llm.prefetch()
     assert resolved.path == store.resolved.path and resolved.source == "local"
-    assert llm.model_path == store.resolved.path
+    assert llm.model_path == str(store.resolved.path)  # a str, as Llama.model_path
     assert not llm.is_loaded and llm.offload is None
     assert repr(llm) == f"<LazyLlama {MODEL!r} resolved to {resolved.path}, not loaded>"
 
@@ -326,7 +325,7 @@ def test_unknown_attributes_raise_without_loading(resolver: ModelResolver) -> No
         llm.create_completon  # noqa: B018
     assert not hasattr(llm, "_private_thing")
     assert not hasattr(llm, "__deepcopy_hook__")
-    assert not llm.is_loaded and llm.model_path is None
+    assert not llm.is_loaded
     assert "create_chat_completion_openai_v1" in dir(llm)
 
 
@@ -340,7 +339,7 @@ def test_first_call_loads_once_and_generates(
         out = llm("The capital of France is", max_tokens=4)
     assert text_of(out)
     assert out["usage"]["completion_tokens"] <= 4
-    assert llm.is_loaded and llm.model_path == store.resolved.path
+    assert llm.is_loaded and llm.model_path == str(store.resolved.path)
     assert len(tracker.built) == 1
     built = tracker.built[0]
     assert built["model_path"] == str(store.resolved.path)
@@ -455,7 +454,7 @@ def test_sixteen_threads_share_one_instance(llm: LazyLlama, tracker: Tracker) ->
 # -- streams -------------------------------------------------------------------------------------
 def test_stream_yields_chunks(llm: LazyLlama) -> None:
     stream = llm("Once upon a time", max_tokens=6, stream=True)
-    assert isinstance(stream, collections.abc.Generator)
+    assert inspect.isgenerator(stream)  # a real generator, as Llama's streams are
     chunks = list(stream)
     assert 1 <= len(chunks) <= 7
     assert all(c["object"] == "text_completion" for c in chunks)
@@ -563,7 +562,7 @@ def test_close_frees_and_the_next_use_reloads(store: Store, resolver: ModelResol
     assert tracker.closed == [id(first)]
     assert not llm.is_loaded and llm.offload is None
     assert "create_completion" not in vars(llm)
-    assert llm.model_path == store.resolved.path
+    assert llm.model_path == str(store.resolved.path)
     assert repr(llm).endswith("closed>")
     llm.close()  # idempotent
 
@@ -658,3 +657,172 @@ def test_fast_signature_read_matches_a_full_parse_of_llama_py() -> None:
     odd = text.replace("\n        verbose: bool = True,", " verbose: bool = True,", 1)
     assert odd != text
     assert lazy._parse_init_params(odd) == lazy._parse_llama_source(source).params
+
+
+# -- never waiting on this thread's own stream ---------------------------------------------------
+def test_readme_pattern_detokenize_each_token_of_generate(llm: LazyLlama) -> None:
+    """The README's ``for t in llm.generate(tokens): llm.detokenize([t])`` runs to its end."""
+
+    def readme_pattern() -> list[bytes]:
+        pieces = []
+        for t in llm.generate(llm.tokenize(b"The capital of France is"), temp=0.0):
+            pieces.append(llm.detokenize([t]))
+            if len(pieces) == 6:
+                break
+        return pieces
+
+    pieces = in_thread(readme_pattern)  # fails instead of hanging
+    assert len(pieces) == 6 and all(isinstance(p, bytes) for p in pieces)
+    assert b"".join(pieces).strip()
+    text_of(in_thread(lambda: llm("Free again", max_tokens=1)))  # the break closed the stream
+
+
+def test_own_open_stream_lets_reads_through_and_refuses_a_second_generation(
+    llm: LazyLlama,
+) -> None:
+    def scenario() -> dict[str, Any]:
+        stream = llm("Once upon a time", max_tokens=8, stream=True)
+        first = next(stream)
+        seen = {
+            "first": first["object"],
+            "tokens": llm.tokenize(b"hello"),
+            "text": llm.detokenize(llm.tokenize(b"hello", add_bos=False)),
+            "n_ctx": llm.n_ctx(),
+            "metadata": "general.architecture" in llm.metadata,
+            "n_tokens": llm.n_tokens,
+        }
+        errors = []
+        for second in (
+            lambda: llm("Another", max_tokens=1),
+            lambda: next(llm("Another", max_tokens=2, stream=True)),
+            lambda: list(zip(llm("A", max_tokens=2, stream=True), stream, strict=False)),
+            llm.close,
+        ):
+            with pytest.raises(RuntimeError, match="stream of this LazyLlama is open") as info:
+                second()
+            errors.append(str(info.value))
+        seen["errors"] = errors
+        seen["rest"] = len(list(stream))  # the open stream is unharmed and still finishes
+        seen["after"] = text_of(llm("Then", max_tokens=1))
+        return seen
+
+    seen = in_thread(scenario)
+    assert seen["first"] == "text_completion" and seen["tokens"] and seen["n_ctx"] == 256
+    assert seen["text"] == b"hello" and seen["metadata"] and seen["n_tokens"] > 0
+    assert len(seen["errors"]) == 4 and "consume or close() it first" in seen["errors"][0]
+    assert seen["rest"] >= 1 and isinstance(seen["after"], str)
+
+
+def test_other_threads_wait_for_an_open_stream(llm: LazyLlama) -> None:
+    stream = llm("Once upon a time", max_tokens=8, stream=True)
+    next(stream)
+    started, done = threading.Event(), threading.Event()
+
+    def other() -> list[int]:
+        started.set()
+        tokens = llm.tokenize(b"waits its turn")
+        done.set()
+        return tokens
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(other)
+        assert started.wait(JOIN_S)
+        assert not done.wait(0.3)  # held back while the stream is open
+        stream.close()
+        assert future.result(JOIN_S)
+
+
+# -- behaving like llama_cpp.Llama ---------------------------------------------------------------
+def test_attribute_writes_reach_the_model(store: Store, resolver: ModelResolver) -> None:
+    messages = [{"role": "user", "content": "Name a colour."}]
+    plain = llama_cpp.Llama(model_path=str(store.resolved.path), **LLAMA_KW)
+    plain.chat_format = "chatml"
+    want = plain.create_chat_completion(messages=messages, max_tokens=8, temperature=0.0)
+    plain.close()
+
+    before = make(resolver)
+    before.chat_format = "chatml"  # before the load: kept, applied right after it
+    cache = llama_cpp.LlamaRAMCache(capacity_bytes=1 << 20)
+    before.cache = cache
+    assert before.chat_format == "chatml" and not before.is_loaded
+    got = before.create_chat_completion(messages=messages, max_tokens=8, temperature=0.0)
+    assert before.llama.chat_format == "chatml" and before.llama.cache is cache
+    assert got["choices"][0]["message"] == want["choices"][0]["message"]
+
+    after = make(resolver)
+    after.load()
+    after.chat_format = "chatml"
+    after.verbose = True
+    assert after.llama.chat_format == "chatml" and after.llama.verbose is True
+    got = after.create_chat_completion(messages=messages, max_tokens=8, temperature=0.0)
+    assert got["choices"][0]["message"] == want["choices"][0]["message"]
+    after.close()
+    after.load()  # a reload keeps what was written
+    assert after.llama.chat_format == "chatml"
+    for model in (before, after):
+        model.close()
+
+
+def test_pickle_and_copies_are_independent_and_reload_lazily(
+    store: Store, resolver: ModelResolver
+) -> None:
+    import copy
+    import pickle
+
+    llm = make(resolver, n_gpu_layers=0)
+    llm.chat_format = "chatml"
+    want = text_of(llm("The sky is", max_tokens=4, temperature=0.0))
+
+    for clone in (pickle.loads(pickle.dumps(llm)), copy.deepcopy(llm), copy.copy(llm)):
+        assert isinstance(clone, LazyLlama) and not clone.is_loaded
+        assert clone.model_id == MODEL and clone.llama_kwargs == llm.llama_kwargs
+        assert clone.chat_format == "chatml"
+        assert text_of(clone("The sky is", max_tokens=4, temperature=0.0)) == want
+        assert clone.llama is not llm.llama
+        clone.close()  # frees the clone's model only
+        assert llm.is_loaded
+        assert text_of(llm("The sky is", max_tokens=4, temperature=0.0)) == want
+    llm.close()
+
+
+def test_pickles_carry_no_secrets(store: Store) -> None:
+    import pickle
+
+    settings = Settings.from_env(
+        env={
+            "LLMLB_HOME": str(store.settings.home),
+            "HF_TOKEN": "hf_secret_token",
+            "LLMLB_API_KEY": "llmlb-secret-key",
+        }
+    )
+    with ModelResolver(settings) as resolver:
+        data = pickle.dumps(LazyLlama(MODEL, resolver=resolver, **LLAMA_KW))
+    assert b"hf_secret_token" not in data and b"llmlb-secret-key" not in data
+    clone = pickle.loads(data)
+    assert clone.model_path == str(store.resolved.path)  # same store as the original
+
+
+def test_matches_llama_where_it_is_cheap(store: Store, resolver: ModelResolver) -> None:
+    llm = make(resolver)
+    plain = llama_cpp.Llama(model_path=str(store.resolved.path), **LLAMA_KW)
+    for name in ("create_completion", "create_chat_completion", "tokenize", "embed"):
+        # Before the load, without loading: Llama's own signature.
+        assert inspect.signature(getattr(llm, name)) == inspect.signature(getattr(plain, name))
+    assert not llm.is_loaded
+    assert isinstance(llm.model_path, str) and llm.model_path == plain.model_path
+    assert inspect.isgenerator(llm("Hi", max_tokens=2, stream=True))
+    assert not isinstance(llm, llama_cpp.Llama)  # documented: use .llama for type checks
+    assert isinstance(llm.llama, llama_cpp.Llama) and llm.llama is llm.load()
+    for name in ("create_completion", "tokenize"):
+        assert inspect.signature(getattr(llm, name)) == inspect.signature(getattr(plain, name))
+    llm.__del__()  # as callable as Llama.__del__, and frees the model
+    assert not llm.is_loaded
+    plain.close()
+
+
+def test_kwargs_check_matches_the_installed_llama_signature() -> None:
+    real = set(inspect.signature(llama_cpp.Llama.__init__).parameters)
+    real -= {"self", "model_path", "kwargs"}
+    assert lazy._llama_params() == real
+    for name in real:
+        LazyLlama(MODEL, **{name: None})  # every keyword the installed Llama takes is accepted

@@ -37,7 +37,7 @@ def test_first_call_through_the_hub_downloads_and_generates(gemma_world: GemmaWo
     out = llm("The capital of France is", max_tokens=8, temperature=0)
 
     assert _text(out).strip()
-    assert llm.model_path == gemma_world.installed
+    assert llm.model_path == str(gemma_world.installed)
     assert _sha256(gemma_world.installed) == GEMMA_SHA256
     assert gemma_world.hub.cdn.bytes_sent <= gemma_world.file.stat().st_size * 1.01
     assert gemma_world.proxy.request_count == 0
