@@ -64,6 +64,16 @@ class ResolvedModel:
 
 
 @dataclass(frozen=True)
+class DownloadActivity:
+    """This process's downloads into one store: those running now, and how the last one ended."""
+
+    running: tuple[ProgressEvent, ...]
+    """The live event of each download in flight, oldest first."""
+    last: ProgressEvent | None
+    """The final event (stage installed, failed or interrupted) of the last one to finish."""
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """llmlb's ModelResolutionStatus for one model."""
 
@@ -104,6 +114,8 @@ class _Flight:
 _FLIGHTS: dict[tuple[str, str], _Flight] = {}
 _FLIGHTS_LOCK = threading.Lock()
 _SLOTS: threading.BoundedSemaphore | None = None
+# The final event of the last download each store's resolvers finished in this process.
+_LAST_FINISHED: dict[str, ProgressEvent] = {}
 
 
 # Installed models seen by any resolver in the process: (store, catalog), id -> (result, stamps).
@@ -199,6 +211,7 @@ class ModelResolver:
         finally:
             with _FLIGHTS_LOCK:
                 _FLIGHTS.pop(key, None)
+                _LAST_FINISHED[key[0]] = flight.monitor.event
             flight.monitor.close()
             flight.done.set()
 
@@ -266,6 +279,13 @@ class ModelResolver:
                 )
             return [self._status(i) for i in ids]
         return self._status(model_id)
+
+    def activity(self) -> DownloadActivity:
+        """What this process is downloading into the store, from memory: never any I/O."""
+        root = str(self.settings.models_dir)
+        with _FLIGHTS_LOCK:
+            running = tuple(f.monitor.event for (d, _), f in _FLIGHTS.items() if d == root)
+            return DownloadActivity(running, _LAST_FINISHED.get(root))
 
     def close(self) -> None:
         if self._downloader is not None:

@@ -31,7 +31,7 @@ from ..errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from . import inference, models, openai
+from . import inference, lb, models, openai
 from .errors import (
     ContextLengthExceededError,
     GenerationCancelledError,
@@ -287,6 +287,8 @@ routes = [
     Route("/v1/models/{model_id}", get_model, methods=["GET"]),
     Route("/v0/models/{model_id}/status", model_status, methods=["GET"]),
     Route("/v0/supported-models", supported_models, methods=["GET"]),
+    Route("/api/health", lb.health, methods=["GET"]),
+    Route("/api/system", lb.system, methods=["GET"]),
 ]
 
 
@@ -298,9 +300,12 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         own = pool or ModelPool(settings)
         await asyncio.to_thread(lambda: own.resolver.catalog)  # parse it once, off the loop
+        hardware = lb.Hardware()
+        hardware.start()
         try:
-            yield {"pool": own, "started": int(time.time())}
+            yield {"pool": own, "started": int(time.time()), "hardware": hardware}
         finally:
+            await hardware.stop()
             await own.close()
 
     return Starlette(

@@ -259,6 +259,8 @@ class ModelPool:
         self._slots: dict[tuple[str, bool], Slot] = {}
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[None]] = set()
+        self.shutting_down = False
+        """Set when the node stops taking requests: /api/health answers 503 ``offline``."""
 
     # -- what handlers use ----------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -297,6 +299,16 @@ class ModelPool:
     def loaded(self) -> set[str]:
         """Ids of the models loaded now (from memory: never waits)."""
         return {s.model_id for s in self._slots.values() if s.state is SlotState.READY}
+
+    def in_flight(self) -> int:
+        """Requests admitted and not finished, over every model (from memory: never waits)."""
+        return sum(s.users for s in self._slots.values())
+
+    def saturated(self) -> bool:
+        """True when models are loaded and each has LLMLB_MAX_QUEUE requests waiting: a new
+        request for any of them would get 429, so a load balancer should send it elsewhere."""
+        ready = [s for s in self._slots.values() if s.state is SlotState.READY]
+        return bool(ready) and all(s.waiting >= self.settings.max_queue for s in ready)
 
     def state(self, model_id: str) -> SlotState:
         """The model's generation slot state (`UNLOADED` if never asked for)."""

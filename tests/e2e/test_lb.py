@@ -1,0 +1,51 @@
+"""The load balancer's view of a node serving the real Gemma: loaded models, load, busy."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from lb import LoadBalancer
+from node import running_node
+from servers import refused_url
+
+from .conftest import GEMMA_ID
+
+pytestmark = pytest.mark.e2e
+
+LONG = {
+    "model": GEMMA_ID,
+    "messages": [{"role": "user", "content": "Count from one to one hundred in words."}],
+    "max_tokens": 200,
+    "temperature": 0,
+}
+SHORT = {**LONG, "max_tokens": 4}
+
+
+def test_health_is_busy_while_every_loaded_models_queue_is_full(gemma_file: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
+    env.update(LLMLB_HOME=str(gemma_file.parents[2]), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
+    lb = LoadBalancer()
+    with running_node(env, api_key="k", MAX_QUEUE="1", N_CTX="512") as node:
+        lb.register("node-1", node.url, "k")
+        assert node.post("/v1/chat/completions", SHORT)[0] == 200  # loads it
+        idle = lb.poll("node-1")
+        first = threading.Thread(target=node.post, args=("/v1/chat/completions", LONG))
+        first.start()
+        node.wait_for(lambda: lb.poll("node-1")["load"]["active_requests"] == 1, what="running")
+        second = threading.Thread(target=node.post, args=("/v1/chat/completions", SHORT))
+        second.start()
+        seen = []
+        node.wait_for(lambda: seen.append(lb.poll("node-1")) or seen[-1]["status"] == "busy")
+        full, _, refused = node.post("/v1/chat/completions", SHORT)
+        first.join()
+        second.join()
+        after = lb.poll("node-1")
+
+    assert idle["status"] == "online" and idle["loaded_models"] == [GEMMA_ID]
+    assert seen[-1]["load"]["active_requests"] == 2
+    assert seen[-1]["loaded_models"] == [GEMMA_ID]
+    assert full == 429 and refused["error"]["code"] == "server_busy"
+    assert after["status"] == "online" and after["load"]["active_requests"] == 0
