@@ -119,11 +119,11 @@ class LoadBalancer:
             endpoint.polled_with.append("/api/health")
             self.sync_models(name)
             return body
-        if status in (404, 405):  # an older node: its model list is its health
-            if self.sync_models(name):
-                endpoint.status, endpoint.failures = "online", 0
-                endpoint.polled_with.append("/v1/models")
-                return None
+        # An older node, without the route: its model list is its health.
+        if status in (404, 405) and self.sync_models(name):
+            endpoint.status, endpoint.failures = "online", 0
+            endpoint.polled_with.append("/v1/models")
+            return None
         endpoint.failures += 1
         if endpoint.failures >= self.OFFLINE_AFTER:
             endpoint.status = "offline"
