@@ -68,7 +68,7 @@ class Node:
         headers: Mapping[str, str] | None = None,
         timeout: float = 120.0,
     ) -> tuple[int, dict[str, str], Any]:
-        """Status, headers and JSON (or text) body; auth header added when the node has a key."""
+        """Status, headers (lowercase names) and JSON (or text) body; sends the node's key."""
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         all_headers = {"Content-Type": "application/json", **(headers or {})}
         if self.api_key and "Authorization" not in all_headers:
@@ -76,9 +76,9 @@ class Node:
         req = urllib.request.Request(self.url + path, data, all_headers, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, dict(resp.headers), _decode(resp.read())
+                return resp.status, _lower(resp.headers), _decode(resp.read())
         except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers), _decode(err.read())
+            return err.code, _lower(err.headers), _decode(err.read())
 
     def get(self, path: str, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
         return self.request("GET", path, **kwargs)
@@ -115,6 +115,10 @@ class Node:
                 self.proc.wait()
         shutil.rmtree(self._log_dir, ignore_errors=True)
         return self.proc.returncode
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
 
 
 def _decode(raw: bytes) -> Any:

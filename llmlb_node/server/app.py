@@ -142,7 +142,9 @@ async def model_status(request: Request) -> Response:
     model_id = request.path_params["model_id"]
     await pool.check_known(model_id)
     status = await pool.status(model_id)
-    return JSONResponse({**status.to_dict(), "state": pool.state(model_id).value})
+    active, queued = pool.usage(model_id)
+    extra = {"state": pool.state(model_id).value, "active_requests": active, "queued": queued}
+    return JSONResponse({**status.to_dict(), **extra})
 
 
 async def supported_models(request: Request) -> Response:
@@ -171,11 +173,11 @@ async def _start_stream(
     request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str
 ) -> Response:
     try:  # errors known at once (a failed download, a full queue) keep their HTTP status
-        await lease.wait(FIRST_WAIT)
+        ready = await lease.wait(FIRST_WAIT)
     except BaseException:
         lease.release()
         raise
-    events = _events(request, lease, parsed, method)
+    events = _events(request, lease, parsed, method, ready)
     return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
@@ -183,14 +185,15 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _events(
-    request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str
+    request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str, ready: bool
 ) -> AsyncIterator[str]:
     pool: ModelPool = request.state.pool
     tokens = 0
     try:
-        while not await lease.wait(pool.settings.heartbeat):
+        while not ready:  # a comment now, then one per heartbeat until the model is ours
             status = await pool.status(parsed.model)
             yield openai.sse_comment(describe(status, pool.state(parsed.model)))
+            ready = await lease.wait(pool.settings.heartbeat)
         call = functools.partial(inference.stream, lease.llm, method, parsed.kwargs, parsed.model)
         async for chunk in lease.stream(call):
             tokens += 1

@@ -315,6 +315,11 @@ class ModelPool:
         slot = self._slots.get((model_id, False))
         return SlotState.UNLOADED if slot is None else slot.state
 
+    def usage(self, model_id: str) -> tuple[int, int]:
+        """(requests running, requests waiting) for the model, over its contexts."""
+        slots = [s for (m, _), s in self._slots.items() if m == model_id]
+        return sum(s.users - s.waiting for s in slots), sum(s.waiting for s in slots)
+
     async def status(self, model_id: str) -> ModelStatus:
         """The model's download status (ModelResolutionStatus), read in a worker thread."""
         return await asyncio.to_thread(self.resolver.status, model_id)  # type: ignore[arg-type]

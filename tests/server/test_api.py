@@ -6,11 +6,13 @@ any model but llama.cpp cannot load it. Generation with a real model is in tests
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import pytest
 from node import running_node
@@ -251,3 +253,31 @@ def test_serve_without_the_server_extra_exits_2_with_the_pip_command(world: Worl
 def node_for_world(world: World):  # noqa: ANN201
     with running_node() as node:
         yield node
+
+
+def test_a_waiting_stream_gets_progress_comments_then_model_loading_past_the_wait(
+    world: World,
+) -> None:
+    world.hub.cdn.rate_limit(len(world.content) / 12)  # the download takes about 12 s
+    with running_node(LOAD_WAIT="5") as node:
+        started = time.monotonic()
+        with httpx.stream(
+            "POST", node.url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60
+        ) as response:
+            lines = [(time.monotonic() - started, line) for line in response.iter_lines()]
+        plain, headers, body = node.post("/v1/chat/completions", CHAT)
+        world.hub.cdn.rate_limit(None)
+        node.wait_for(lambda: world.installed_path().exists(), what="the download to go on")
+
+    assert response.status_code == 200, lines
+    comments = [(t, line) for t, line in lines if line.startswith(": ")]
+    assert comments, lines
+    assert all("downloading" in line and "%" in line for _, line in comments)
+    gaps = [b - a for (a, _), (b, _) in zip([(0.0, "")] + comments, comments, strict=False)]
+    assert max(gaps) <= 5.0, lines
+    events = [line for _, line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][6:])["error"]
+    assert error["code"] == "model_loading" and "downloading" in error["message"]
+    assert plain == 503 and body["error"]["code"] == "model_loading"
+    assert int(headers["retry-after"]) >= 1
