@@ -29,12 +29,13 @@ from .errors import (
     IntegrityError,
     SourceError,
 )
+from .gguf import MAGIC as GGUF_MAGIC
 from .gguf import GGUFError, GGUFHeader, check_complete, read_header_prefix
 from .origin import may_carry_secret
 from .settings import Settings
 from .sources.base import Remote, fail, host_of
 from .sources.http_errors import describe_exception
-from .store import GGUF_MAGIC, Partial
+from .store import Partial
 
 log = logging.getLogger(__name__)
 

@@ -238,7 +238,7 @@ class ModelResolver:
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id, str(self.settings.catalog_path))
         entry = self.catalog.find(model_id)
-        record = self.store.lookup(model_id, entry) or self.store.adopt_manual(model_id)
+        record = self.store.lookup(model_id, entry) or self.store.adopt_manual(model_id, entry)
         if record is None:
             return None
         resolved = self._resolved(record, entry, "local")
@@ -254,8 +254,10 @@ class ModelResolver:
         if found is None:
             if model_id not in self.catalog:
                 self.catalog.get(model_id)  # raises UnsupportedModelError with suggestions
+            damage = self.store.damage(model_id)
+            state = f"is damaged ({damage})" if damage else "is not installed"
             raise ModelNotInstalledError(
-                f"model {model_id!r} is not installed in {self.settings.models_dir}; "
+                f"model {model_id!r} {state} in {self.settings.models_dir}; "
                 f"run `llmlb-node pull {model_id}`"
             )
         return found.path
@@ -541,6 +543,10 @@ class ModelResolver:
                 str(found.path),
                 source=data.get("source") if data else "local",
             )
+        damage = self.store.damage(model_id)
+        if damage is not None:
+            message = f"damaged: {damage}; `llmlb-node pull {model_id}` downloads it again"
+            return ModelStatus(model_id, "error", 0.0, 0, None, None, error_message=message)
         if data is not None:
             event = event_from_status(data)
             pid = data.get("pid")

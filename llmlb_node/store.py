@@ -30,7 +30,7 @@ from typing import Any
 
 from .catalog import ModelEntry, check_id, is_valid_id
 from .errors import CatalogError
-from .gguf import MAGIC as GGUF_MAGIC
+from .gguf import GGUFError, check_complete
 
 log = logging.getLogger(__name__)
 
@@ -199,21 +199,35 @@ class ModelStore:
                 done.add(f.filename)
         return done
 
-    def adopt_manual(self, model_id: str) -> InstallRecord | None:
-        """Accept ``<models>/<id>/model.gguf`` placed by hand, once it passes the magic check."""
+    def adopt_manual(self, model_id: str, entry: ModelEntry | None = None) -> InstallRecord | None:
+        """Accept ``<models>/<id>/model.gguf`` placed by hand once it is a whole GGUF (its header
+        parses and the file holds the data it declares) and, when the catalog gives this file a
+        sha256, hashes to it. Costs a header read, plus a hash when there is a sha256: it runs
+        only when no install record vouches for the file as it is on disk."""
         path = os.path.join(self._root, model_id, MANUAL_FILENAME)
         try:
-            with open(path, "rb") as fh:
-                magic = fh.read(4)
             st = os.stat(path)
+            check_complete(path, name=f"{model_id}/{MANUAL_FILENAME}")
+            want = _manual_sha256(entry)
+            digest = sha256_file(path) if want else None
         except OSError:
             return None
-        if magic != GGUF_MAGIC:
-            log.warning("%s does not start with the GGUF magic; ignoring it", path)
+        except GGUFError as exc:
+            log.warning("%s; not using it (`llmlb-node pull %s` replaces it)", exc, model_id)
+            return None
+        if want and digest != want:
+            log.warning(
+                "%s: sha256 %s does not match the catalog's %s; not using it "
+                "(`llmlb-node pull %s` replaces it)",
+                path,
+                digest,
+                want,
+                model_id,
+            )
             return None
         record = InstallRecord(
             model_id=model_id,
-            files=(InstalledFile(MANUAL_FILENAME, st.st_size, None, st.st_mtime_ns),),
+            files=(InstalledFile(MANUAL_FILENAME, st.st_size, digest, st.st_mtime_ns),),
             source="manual",
             installed_at=time.time(),
         )
@@ -222,6 +236,20 @@ class ModelStore:
         except OSError as exc:  # a read-only store still serves the file
             log.debug("could not record the manual install of %s: %s", model_id, exc)
         return record
+
+    def damage(self, model_id: str) -> str | None:
+        """What changed under an install record whose files no longer match it, or None."""
+        record = self.read_record(model_id)
+        for f in record.files if record else ():
+            try:
+                st = os.stat(os.path.join(self._root, model_id, f.filename))
+            except OSError:
+                return f"{f.filename} is missing"
+            if st.st_size != f.size:
+                return f"{f.filename} is {st.st_size} bytes, {f.size} when it was verified"
+            if st.st_mtime_ns != f.mtime_ns:
+                return f"{f.filename} was modified after it was verified"
+        return None
 
     # -- partial files --------------------------------------------------------------------
     def new_partial(self, model_id: str, filename: str) -> Partial:
@@ -408,13 +436,33 @@ class ModelStore:
 
 def _record_matches_entry(record: InstallRecord, entry: ModelEntry) -> bool:
     if record.source == "manual":
-        return True
+        want = _manual_sha256(entry)
+        return want is None or record.files[0].sha256 == want
     by_name = {f.filename: f for f in record.files}
     for spec in entry.files:
         got = by_name.get(spec.filename)
         if got is None or (spec.sha256 and got.sha256 and spec.sha256 != got.sha256):
             return False
     return record.files[0].filename == entry.files[0].filename
+
+
+def _manual_sha256(entry: ModelEntry | None) -> str | None:
+    """The sha256 the catalog gives a file named like the hand-placed convention, if any."""
+    for f in entry.files if entry is not None else ():
+        if f.filename == MANUAL_FILENAME:
+            return f.sha256
+    return None
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read 4 MiB at a time."""
+    digest = hashlib.sha256()
+    buf = bytearray(4 * 1024 * 1024)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def _owned_by_live_writer(meta: dict[str, Any], stale_after: float) -> bool:

@@ -6,6 +6,7 @@ described, against the real `llmlb-node` command or the library.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gguf import make_gguf
+from gguf import make_gguf, sha256_hex
 from servers import RecordedRequest, Reply, ScriptedServer, honest_reply
 from world import World
 
@@ -337,3 +338,54 @@ def test_a_url_without_http_scheme_is_a_catalog_error(world: World, url: str) ->
     assert "badurl" in done.stderr and "http" in done.stderr
     assert time.monotonic() - start < 5
     assert world.proxy.request_count == 0 and world.hub.total_requests() == 0
+
+
+# -- 4. a damaged install -----------------------------------------------------------------------
+def test_a_damaged_install_with_a_sha256_is_reported_and_pull_repairs_it(world: World) -> None:
+    content = make_gguf(50_000, seed=41)
+    entry = world.add_model("conv", {"model.gguf": content})
+    entry["files"] = [{"filename": "model.gguf", "sha256": sha256_hex(content)}]
+    world.write_catalog()
+    assert cli("pull", "conv").returncode == 0
+    installed = world.models_dir / "conv" / "model.gguf"
+    with open(installed, "r+b") as fh:
+        fh.truncate(1000)
+
+    path = cli("path", "conv")
+    status = cli("status", "conv", "--json")
+    assert path.returncode == 1 and "damaged" in path.stderr, path.stderr
+    report = json.loads(status.stdout)
+    assert report["status"] in ("error", "missing") and "damaged" in report["error_message"]
+
+    repaired = cli("pull", "conv")
+    assert repaired.returncode == 0, repaired.stderr
+    assert installed.read_bytes() == content
+    assert cli("path", "conv").returncode == 0
+
+
+def test_a_same_size_change_is_caught_by_the_sha256(world: World) -> None:
+    content = make_gguf(50_000, seed=42)
+    entry = world.add_model("conv2", {"model.gguf": content})
+    entry["files"] = [{"filename": "model.gguf", "sha256": sha256_hex(content)}]
+    world.write_catalog()
+    installed = world.resolver().resolve("conv2").path
+    installed.write_bytes(make_gguf(50_000, seed=43))  # whole GGUF, other bytes, new mtime
+
+    assert world.resolver().installed("conv2") is None
+    assert "modified" in world.resolver().status("conv2").error_message
+    assert world.resolver().resolve("conv2").path.read_bytes() == content
+
+
+@pytest.mark.parametrize("damage", ["truncated", "html"])
+def test_manual_adoption_needs_a_whole_gguf(world: World, damage: str) -> None:
+    manual = world.models_dir / "byhand" / "model.gguf"
+    manual.parent.mkdir(parents=True)
+    whole = make_gguf(20_000, seed=44)
+    manual.write_bytes(whole[:5000] if damage == "truncated" else b"<html>" + whole)
+
+    assert world.resolver().installed("byhand") is None
+    done = cli("path", "byhand")
+    assert done.returncode != 0
+
+    manual.write_bytes(whole)
+    assert world.resolver().installed("byhand") is not None
