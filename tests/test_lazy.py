@@ -25,6 +25,7 @@ from typing import Any
 
 import llama_cpp
 import pytest
+from gguf import make_gguf
 
 from llmlb_node import (
     InvalidModelIdError,
@@ -597,10 +598,10 @@ def test_corrupt_gguf_raises_model_load_error(tmp_path: Path) -> None:
     settings = Settings.from_env(env={"LLMLB_HOME": str(tmp_path), **OFFLINE_ENV})
     path = settings.models_dir / "broken-model" / "model.gguf"
     path.parent.mkdir(parents=True)
-    path.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    path.write_bytes(make_gguf(16_384))  # structurally whole, but no model llama.cpp knows
     with ModelResolver(settings) as resolver:
         llm = LazyLlama("broken-model", resolver=resolver, **LLAMA_KW)
-        assert llm.prefetch().path == path  # the store accepts it by its magic
+        assert llm.prefetch().path == path  # the store accepts a whole GGUF placed by hand
         with pytest.raises(ModelLoadError) as info:
             llm("Hello", max_tokens=1)
         message = str(info.value)
