@@ -103,7 +103,8 @@ def install_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The pip command that rebuilds llama-cpp-python for a preset, and the env it needs.
 
-    The version defaults to the installed one, so a rebuild never upgrades by surprise.
+    The version defaults to the installed one, so a rebuild never upgrades by surprise, and
+    ``--no-deps`` keeps pip from reinstalling (or upgrading) numpy and the other dependencies.
     The returned env holds only the additions (CMAKE_ARGS, FORCE_CMAKE): merge it over os.environ.
     """
     preset = get_preset(preset_name)
@@ -115,6 +116,7 @@ def install_command(
         "pip",
         "install",
         "--force-reinstall",
+        "--no-deps",  # rebuild llama-cpp-python alone: numpy and the rest stay as they are
         "--no-cache-dir",
         "--no-binary",
         PACKAGE,

@@ -140,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="platform, llama.cpp build, GPUs and the offload plan")
     p.add_argument("model_id", nargs="?", help="plan the offload for this model")
+    p.add_argument(
+        "--n-ctx", type=int, default=None, help="context length to plan for (default 512)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
 
@@ -323,10 +326,9 @@ def _random_seed() -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import doctor_report, format_report
 
-    required = None
     if args.model_id:
-        required = ModelResolver().catalog.get(args.model_id).required_memory_bytes
-    report = doctor_report(required_memory_bytes=required, model_id=args.model_id)
+        ModelResolver().catalog.get(args.model_id)  # an unknown id exits 3, as everywhere
+    report = doctor_report(model_id=args.model_id, n_ctx=args.n_ctx)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return EXIT_OK
 

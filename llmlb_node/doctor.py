@@ -20,12 +20,16 @@ logger = logging.getLogger(__name__)
 
 
 def doctor_report(
-    required_memory_bytes: int | None = None, model_id: str | None = None
+    required_memory_bytes: int | None = None,
+    model_id: str | None = None,
+    *,
+    n_ctx: int | None = None,
 ) -> dict[str, Any]:
     """Everything that decides how fast a model will run here, as a JSON-ready dict.
 
-    With `model_id` (and no `required_memory_bytes`) the catalog's memory figure for that model
-    is used for the plan. Never raises for a missing or broken llama_cpp.
+    With `model_id` the plan is the one LazyLlama would make (`offload.plan_for_model`): from the
+    installed GGUF's header for context `n_ctx` (Llama's default 512), else by the catalog's
+    memory figure. Each GPU tool runs once. Never raises for a missing or broken llama_cpp.
     """
     report: dict[str, Any] = {
         "platform": {
@@ -39,15 +43,19 @@ def doctor_report(
         "memory": cpu.memory_info(),
         "llama_cpp": _llama_cpp_info(),
     }
+    path = None
     if model_id is not None:
         model = _model_info(model_id)
         report["model"] = model
+        path = model.get("path")
         if required_memory_bytes is None:
             required_memory_bytes = model.get("required_memory_bytes")
     devices = offload.detect_devices()
     report["gpus"] = [asdict(d) for d in devices]
     try:
-        plan = offload.plan_offload(required_memory_bytes)
+        plan = offload.plan_for_model(
+            path, n_ctx=n_ctx, required_memory_bytes=required_memory_bytes, devices=devices
+        )
     except ValueError as exc:  # e.g. a malformed LLMLB_N_GPU_LAYERS
         report["plan"] = {"summary": f"error: {exc}", "error": str(exc)}
     else:
@@ -58,8 +66,22 @@ def doctor_report(
             "reason": plan.reason,
             "devices": [d.name for d in plan.devices],
             "required_memory_bytes": required_memory_bytes,
+            "estimate": _estimate_info(plan.estimate),
         }
     return report
+
+
+def _estimate_info(estimate: offload.MemoryEstimate | None) -> dict[str, Any] | None:
+    if estimate is None:
+        return None
+    return {
+        "n_ctx": estimate.n_ctx,
+        "n_layers": estimate.n_layers,
+        "weights_bytes": estimate.weights_bytes,
+        "kv_cache_bytes": estimate.kv_cache_bytes,
+        "compute_bytes": estimate.compute_bytes,
+        "total_bytes": estimate.total_bytes,
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -123,6 +145,17 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(("model", text))
 
     plan = report.get("plan", {})
+    estimate = plan.get("estimate")
+    if estimate:
+        lines.append(
+            (
+                "memory estimate",
+                f"{human_bytes(estimate['total_bytes'])} for n_ctx={estimate['n_ctx']} "
+                f"({estimate['n_layers']} layers): weights {human_bytes(estimate['weights_bytes'])}"
+                f", KV cache {human_bytes(estimate['kv_cache_bytes'])}, compute buffers "
+                f"{human_bytes(estimate['compute_bytes'])}",
+            )
+        )
     lines.append(("plan", str(plan.get("summary"))))
     if "n_gpu_layers" in plan:
         lines.append(("n_gpu_layers", str(plan["n_gpu_layers"])))
@@ -158,19 +191,25 @@ def _llama_cpp_info() -> dict[str, Any]:
 
 
 def _model_info(model_id: str) -> dict[str, Any]:
-    """The catalog's memory figure for `model_id` (file size as a fallback estimate)."""
-    from .catalog import load_catalog
+    """The catalog's memory figure for `model_id` (file size as a fallback estimate) and the
+    installed file, if any (never the network)."""
+    from .resolver import ModelResolver
 
-    info: dict[str, Any] = {"id": model_id, "required_memory_bytes": None}
+    info: dict[str, Any] = {"id": model_id, "required_memory_bytes": None, "path": None}
     try:
-        entry = load_catalog().get(model_id)
+        resolver = ModelResolver()
+        entry = resolver.catalog.get(model_id)
+        installed = resolver.installed(model_id)
     except LlmlbError as exc:
         info["error"] = str(exc)
         return info
+    if installed is not None:
+        info["path"] = str(installed.path)
+        info["memory_source"] = "GGUF header (weights, KV cache, compute buffers)"
     if entry.required_memory_bytes is not None:
         info["required_memory_bytes"] = entry.required_memory_bytes
-        info["memory_source"] = "catalog required_memory_bytes"
+        info.setdefault("memory_source", "catalog required_memory_bytes")
     elif entry.size_bytes is not None:
         info["required_memory_bytes"] = entry.size_bytes
-        info["memory_source"] = "estimate: model file size"
+        info.setdefault("memory_source", "estimate: model file size")
     return info

@@ -158,6 +158,12 @@ def check_complete(path: str | os.PathLike[str], *, name: str | None = None) -> 
     return header
 
 
+def ggml_type_bytes(ggml_type: int, n_elements: int) -> int:
+    """Bytes that `n_elements` values of `ggml_type` take (F16 sizes for a type not known here)."""
+    block, nbytes = _GGML_TYPES.get(ggml_type, _GGML_TYPES[1])
+    return -(-n_elements // block) * nbytes
+
+
 def block_count(path: str | os.PathLike[str]) -> int | None:
     """The model's layer count from its GGUF header, or None if it cannot be read."""
     try:

@@ -838,13 +838,16 @@ class LazyLlama:
         if slot.llama is not None:
             return slot.llama
         resolved = self.prefetch()
-        from .gguf import block_count
-        from .offload import plan_offload
+        from .offload import plan_for_model
 
-        plan = plan_offload(
-            self._required_memory(resolved),
+        entry = resolved.entry
+        plan = plan_for_model(
+            resolved.path,  # layer count, weights and KV cache from the GGUF header
+            n_ctx=self._llama_kwargs.get("n_ctx"),
             n_gpu_layers=self._n_gpu_layers,
-            n_layers=block_count(resolved.path),  # exact partial offload, not a guess
+            required_memory_bytes=entry.required_memory_bytes if entry is not None else None,
+            type_k=self._llama_kwargs.get("type_k"),
+            type_v=self._llama_kwargs.get("type_v"),
         )
         log.info("%s: loading %s with offload plan: %s", self._model_id, resolved.path, plan)
         kwargs = {**self._llama_kwargs, "n_gpu_layers": plan.n_gpu_layers}
@@ -881,17 +884,6 @@ class LazyLlama:
                 if callable(getattr(llama, name, None)):
                     self._bind(name, llama)
         return llama
-
-    @staticmethod
-    def _required_memory(resolved: ResolvedModel) -> int | None:
-        """The catalog's memory estimate, else the files' total size (a lower bound)."""
-        entry = resolved.entry
-        if entry is not None and entry.required_memory_bytes:
-            return entry.required_memory_bytes
-        try:
-            return sum(p.stat().st_size for p in resolved.paths) or None
-        except OSError:
-            return None
 
     def _no_attribute(self, name: str, known: frozenset[str]) -> str:
         import difflib

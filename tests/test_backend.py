@@ -104,6 +104,7 @@ def test_install_command_pins_installed_version() -> None:
         "pip",
         "install",
         "--force-reinstall",
+        "--no-deps",
         "--no-cache-dir",
         "--no-binary",
         "llama-cpp-python",
@@ -141,7 +142,7 @@ def test_shell_command_and_hint() -> None:
         'CMAKE_ARGS="-DGGML_VULKAN=ON -DCMAKE_BUILD_TYPE=Release" FORCE_CMAKE=1 '
     )
     assert line.endswith(
-        "-m pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python "
+        "-m pip install --force-reinstall --no-deps --no-cache-dir --no-binary llama-cpp-python "
         "llama-cpp-python==0.3.16"
     )
     hint = backend.rebuild_hint("metal")

@@ -446,6 +446,7 @@ def test_backend_presets_and_the_rebuild_command(world: World) -> None:
     assert dry.returncode == 0
     assert 'CMAKE_ARGS="-DGGML_CUDA=ON' in dry.stdout
     assert "--no-binary llama-cpp-python" in dry.stdout and "llama-cpp-python==" in dry.stdout
+    assert "--force-reinstall --no-deps " in dry.stdout  # llama-cpp-python alone, no numpy
 
     unknown = cli("backend", "install", "--preset", "nope")
     assert unknown.returncode == 2 and "known presets: cpu" in unknown.stderr

@@ -103,6 +103,7 @@ def test_report_gpu_visible_but_cpu_build(
             "name": "NVIDIA L4",
             "total_memory": 23034 * MIB,
             "free_memory": 22000 * MIB,
+            "uuid": None,
         }
     ]
     assert report["plan"]["backend"] == "cpu"
@@ -154,3 +155,57 @@ def test_bad_env_value_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> N
     report = doctor_report()
     assert "LLMLB_N_GPU_LAYERS" in report["plan"]["error"]
     assert check_lines(format_report(report))["plan"].startswith("error: ")
+
+
+def _counting_tool(bin_dir: Path, name: str, stdout: str) -> Path:
+    """A fake GPU tool printing a recorded output and counting its runs."""
+    (bin_dir / f"{name}.out").write_text(stdout)
+    tool = bin_dir / name
+    tool.write_text(
+        f"#!/bin/sh\necho run >> '{bin_dir}/{name}.runs'\n/bin/cat '{bin_dir}/{name}.out'\n"
+    )
+    tool.chmod(0o755)
+    return bin_dir / f"{name}.runs"
+
+
+def test_doctor_runs_each_gpu_tool_once(
+    no_gpu_tools: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(offload, "gpu_offload_supported", lambda: True)
+    runs = [
+        _counting_tool(no_gpu_tools, "nvidia-smi", "0, GPU-a, NVIDIA L4, 23034, 22000\n"),
+        _counting_tool(no_gpu_tools, "rocm-smi", "{}"),
+        _counting_tool(no_gpu_tools, "vulkaninfo", ""),
+    ]
+    report = doctor_report(required_memory_bytes=4000 * MIB)
+    assert report["plan"]["backend"] == "cuda"
+    assert [r.read_text().count("run") for r in runs] == [1, 1, 1]
+
+
+def test_doctor_and_lazyllama_make_the_same_plan(
+    tmp_path: Path, no_gpu_tools: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmlb_node import LazyLlama, ModelResolver
+    from llmlb_node.gguf import read_header
+
+    monkeypatch.setenv("LLMLB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("LLMLB_MODELS_DIR", "LLMLB_SUPPORTED_MODELS"):
+        monkeypatch.delenv(name, raising=False)
+    with ModelResolver() as resolver:
+        path = resolver.resolve("gemma-3-270m").path  # from the installed demo packages
+    estimate = offload.estimate_memory(read_header(path), 1024)
+    assert estimate is not None
+    free_mib = int(estimate.gpu_bytes(12) / 0.95 / MIB) + 1  # room for 12 of the 18 layers
+    _counting_tool(no_gpu_tools, "nvidia-smi", f"0, GPU-a, Small GPU, 8192, {free_mib}\n")
+    monkeypatch.setattr(offload, "gpu_offload_supported", lambda: True)
+
+    report = doctor_report(model_id="gemma-3-270m", n_ctx=1024)
+    with LazyLlama("gemma-3-270m", n_ctx=1024, verbose=False) as llm:
+        llm.load()  # this CPU build of llama.cpp ignores the layers it is given
+        assert llm.offload is not None
+        assert report["plan"]["n_gpu_layers"] == llm.offload.n_gpu_layers == 12
+        assert report["plan"]["reason"] == llm.offload.reason
+    assert report["plan"]["estimate"]["n_layers"] == 18
+    assert report["plan"]["estimate"]["kv_cache_bytes"] == estimate.kv_cache_bytes
+    assert "KV cache" in check_lines(format_report(report))["memory estimate"]

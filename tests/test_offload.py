@@ -18,7 +18,6 @@ import pytest
 
 from llmlb_node import offload
 from llmlb_node.offload import (
-    ASSUMED_LAYERS,
     ENV_VAR,
     GpuDevice,
     OffloadPlan,
@@ -80,6 +79,20 @@ def fake_tool(bin_dir: Path, name: str, stdout: str = "", code: int = 0, extra: 
     script.write_text(f"#!/bin/sh\nPATH={SYSTEM_PATH}\n{extra}\ncat '{data}'\nexit {code}\n")
     script.chmod(0o755)
     return script
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real Gemma 3 270M GGUF, assembled once from the installed demo packages."""
+    from llmlb_node import ModelResolver, Settings
+    from llmlb_node.catalog import PACKAGED_CATALOG
+
+    home = tmp_path_factory.mktemp("gemma")
+    settings = Settings.from_env(
+        env={"LLMLB_HOME": str(home), "HF_HUB_OFFLINE": "1"}, catalog_path=PACKAGED_CATALOG
+    )
+    with ModelResolver(settings) as resolver:
+        return resolver.resolve("gemma-3-270m").path
 
 
 @pytest.fixture
@@ -227,7 +240,8 @@ def test_cuda_visible_devices(tools: Path) -> None:
     assert [d.name for d in offload.detect_devices({"CUDA_VISIBLE_DEVICES": "1"})] == ["GPU B"]
     assert offload.detect_devices({"CUDA_VISIBLE_DEVICES": ""}) == ()
     assert offload.detect_devices({"CUDA_VISIBLE_DEVICES": "-1"}) == ()
-    assert len(offload.detect_devices({"CUDA_VISIBLE_DEVICES": "GPU-1234-uuid"})) == 2
+    # A UUID nvidia-smi did not report names no device: never "all GPUs".
+    assert offload.detect_devices({"CUDA_VISIBLE_DEVICES": "GPU-1234-uuid"}) == ()
 
 
 def test_auto_cuda_fits(tools: Path, gpu_build: None) -> None:
@@ -247,27 +261,26 @@ def test_auto_unknown_size_offloads_all(tools: Path, gpu_build: None) -> None:
 
 
 def test_partial_offload_with_known_layers(tools: Path, gpu_build: None) -> None:
-    fake_tool(tools, "nvidia-smi", SMI_ONE)  # 20000 MiB free
+    fake_tool(tools, "nvidia-smi", SMI_ONE)  # 20000 MiB free, 95% of it usable: 19000
     plan = offload.plan_offload(40000 * MIB, n_layers=32, env={})
-    assert (plan.n_gpu_layers, plan.backend) == (16, "cuda")
-    assert "16 of 32 layers" in plan.reason
+    assert (plan.n_gpu_layers, plan.backend) == (15, "cuda")
+    assert "15 of 32 layers" in plan.reason
     plan = offload.plan_offload(30000 * MIB, n_layers=40, env={})
-    assert plan.n_gpu_layers == 26  # floor(40 * 20000 / 30000) = floor(26.67)
+    assert plan.n_gpu_layers == 25  # floor(40 * 19000 / 30000) = floor(25.3)
 
 
-def test_partial_offload_unknown_layers_is_conservative(tools: Path, gpu_build: None) -> None:
+def test_without_a_layer_count_the_plan_goes_by_bytes(tools: Path, gpu_build: None) -> None:
     fake_tool(tools, "nvidia-smi", SMI_ONE)
-    plan = offload.plan_offload(40000 * MIB, env={})
-    # 24 assumed layers * 90% of the free/required ratio 0.5 = 10.8 -> 10
-    assert plan.n_gpu_layers == 10
-    assert f"assuming {ASSUMED_LAYERS} layers" in plan.reason
-    assert "n_layers" in plan.reason
+    assert offload.plan_offload(18000 * MIB, env={}).n_gpu_layers == -1  # fits
+    plan = offload.plan_offload(40000 * MIB, env={})  # does not fit: no guessed split
+    assert (plan.n_gpu_layers, plan.backend) == (0, "cpu")
+    assert "cannot be split" in plan.reason
 
 
 def test_partial_offload_sums_free_memory_of_all_gpus(tools: Path, gpu_build: None) -> None:
     fake_tool(tools, "nvidia-smi", "GPU A, 16000, 10000\nGPU B, 16000, 10000\n")
-    assert offload.plan_offload(20000 * MIB, n_layers=40, env={}).n_gpu_layers == -1
-    assert offload.plan_offload(40000 * MIB, n_layers=40, env={}).n_gpu_layers == 20
+    assert offload.plan_offload(18000 * MIB, n_layers=40, env={}).n_gpu_layers == -1
+    assert offload.plan_offload(40000 * MIB, n_layers=40, env={}).n_gpu_layers == 19
 
 
 def test_partial_offload_of_zero_layers_is_cpu(tools: Path, gpu_build: None) -> None:
@@ -300,7 +313,7 @@ def test_visible_gpu_with_cpu_build_warns_once(
     assert "NVIDIA GeForce RTX 4090" in message
     assert "llmlb-node backend install --preset cuda" in message
     assert 'CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_BUILD_TYPE=Release"' in message
-    assert "--force-reinstall --no-cache-dir" in message
+    assert "--force-reinstall --no-deps --no-cache-dir" in message
     assert "llmlb-node backend install --preset cuda" in first.reason
     debug = [r for r in caplog.records if r.levelno == logging.DEBUG]
     assert any("offload plan: cpu" in r.getMessage() for r in debug)
@@ -345,9 +358,12 @@ def test_apple_silicon_metal_build_offloads_all(
     tools: Path, apple_silicon: None, gpu_build: None
 ) -> None:
     fake_tool(tools, "sysctl", "Apple M2 Pro\n34359738368\n")
-    plan = offload.plan_offload(10**12, env={})
+    plan = offload.plan_offload(10 * 1024**3, env={})
     assert (plan.n_gpu_layers, plan.backend) == (-1, "metal")
-    assert plan.devices == (GpuDevice("metal", "Apple M2 Pro GPU", 32 * 1024**3, None),)
+    # Free is Metal's recommended working set: two thirds of 32 GiB.
+    assert plan.devices == (
+        GpuDevice("metal", "Apple M2 Pro GPU", 32 * 1024**3, 32 * 1024**3 * 2 // 3),
+    )
 
 
 def test_apple_silicon_without_sysctl(tools: Path, apple_silicon: None, gpu_build: None) -> None:
@@ -389,7 +405,7 @@ def test_rocm_smi_parsed(tools: Path, gpu_build: None) -> None:
     devices = offload.detect_devices(env={})
     assert devices == (GpuDevice("rocm", "Radeon RX 7900 XTX", 24 * 1024**3, 20 * 1024**3),)
     plan = offload.plan_offload(40 * 1024**3, n_layers=48, env={})
-    assert (plan.n_gpu_layers, plan.backend) == (24, "rocm")
+    assert (plan.n_gpu_layers, plan.backend) == (22, "rocm")  # 48 * 95% of 20 GiB / 40 GiB
 
 
 def test_rocm_sysfs_fallback(tools: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -432,7 +448,7 @@ def test_vulkan_build_prefers_vulkan_and_borrows_memory(
     fake_tool(tools, "nvidia-smi", SMI_ONE)
     monkeypatch.setattr(offload, "built_backends", lambda: ("vulkan",))
     plan = offload.plan_offload(40000 * MIB, n_layers=32, env={})
-    assert (plan.n_gpu_layers, plan.backend) == (16, "vulkan")
+    assert (plan.n_gpu_layers, plan.backend) == (15, "vulkan")
     assert "memory per cuda" in plan.reason
 
 
@@ -471,3 +487,131 @@ def test_detect_devices_bounded_with_hanging_tools(tools: Path) -> None:
     start = time.monotonic()
     assert offload.detect_devices(env={}) == ()
     assert time.monotonic() - start < _common.TOOL_TIMEOUT + 3  # tools run in parallel
+
+
+# --- recorded tool outputs the plan must not misread --------------------------------------------
+
+H100_UUIDS = [f"GPU-{i}a1b2c3d-0000-1111-2222-33334444555{i}" for i in range(8)]
+SMI_8X_H100 = "".join(
+    f"{i}, {uuid}, NVIDIA H100 80GB HBM3, 81559, 81000\n" for i, uuid in enumerate(H100_UUIDS)
+)
+SMI_LIST_MIG = textwrap.dedent(
+    """\
+    GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-e91edf3b-b297-37c1-a2a7-7601c98f1ac3)
+      MIG 3g.20gb     Device  0: (UUID: MIG-2d5b5bd3-3d5b-5a4f-9e84-5e8fd4bbd3e5)
+      MIG 1g.5gb      Device  1: (UUID: MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f)
+    """
+)
+SMI_A100 = "0, GPU-e91edf3b-b297-37c1-a2a7-7601c98f1ac3, NVIDIA A100-SXM4-40GB, 40960, 40000\n"
+
+
+def fake_nvidia_smi(bin_dir: Path, query: str, listing: str = "") -> Path:
+    """nvidia-smi answering the query and `-L` with recorded outputs, counting its runs."""
+    (bin_dir / "query.out").write_text(query)
+    (bin_dir / "list.out").write_text(listing)
+    script = bin_dir / "nvidia-smi"
+    script.write_text(
+        f"#!/bin/sh\nPATH={SYSTEM_PATH}\necho run >> '{bin_dir}/nvidia-smi.runs'\n"
+        f'if [ "$1" = "-L" ]; then cat \'{bin_dir}/list.out\'; '
+        f"else cat '{bin_dir}/query.out'; fi\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def test_cuda_visible_devices_by_gpu_uuid(tools: Path, gpu_build: None) -> None:
+    fake_nvidia_smi(tools, SMI_8X_H100)
+    env = {"CUDA_VISIBLE_DEVICES": H100_UUIDS[3]}
+    devices = offload.detect_devices(env)
+    assert [d.uuid for d in devices] == [H100_UUIDS[3]]
+    plan = offload.plan_offload(150 * 10**9, n_layers=80, env=env)  # 150 GB on one 80 GB GPU
+    assert plan.n_gpu_layers == 43 and "79.1 GiB free" in plan.reason  # 80 * 95% * 79.1 / 139.7
+    # A unique prefix works as it does for the CUDA runtime; order and index mixes too.
+    env = {"CUDA_VISIBLE_DEVICES": f"{H100_UUIDS[5][:12]},2"}
+    assert [d.uuid for d in offload.detect_devices(env)] == [H100_UUIDS[5], H100_UUIDS[2]]
+
+
+def test_mig_slice_counts_with_its_own_memory(tools: Path, gpu_build: None) -> None:
+    fake_nvidia_smi(tools, SMI_A100, SMI_LIST_MIG)
+    env = {"CUDA_VISIBLE_DEVICES": "MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f"}
+    (device,) = offload.detect_devices(env)
+    assert (device.name, device.total_memory) == ("MIG 1g.5gb", 5 * 10**9)
+    plan = offload.plan_offload(8 * 10**9, n_layers=32, env=env)
+    assert plan.n_gpu_layers == 19  # 32 * 95% of 5 GB / 8 GB, not the whole A100's 40 GB
+    assert offload.detect_devices({"CUDA_VISIBLE_DEVICES": "MIG-ffff"}) == ()
+
+
+def test_nvidia_smi_placeholders_and_a_gpu_needing_reset(tools: Path) -> None:
+    fake_nvidia_smi(
+        tools,
+        "0, GPU-aaaa, [N/A], 24564, 20000\n"
+        "1, GPU-bbbb, NVIDIA A100, [GPU requires reset], [GPU requires reset]\n"
+        "[GPU requires reset]\n"
+        "3, GPU-dddd, NVIDIA L4, 23034, 22000\n",
+    )
+    devices = offload.detect_devices(env={})
+    assert [(d.name, d.free_memory) for d in devices] == [
+        ("NVIDIA GPU 0", 20000 * MIB),
+        ("NVIDIA L4", 22000 * MIB),
+    ]
+    assert offload.detect_devices({"CUDA_VISIBLE_DEVICES": "1"}) == ()  # the broken one
+    assert [d.name for d in offload.detect_devices({"CUDA_VISIBLE_DEVICES": "3"})] == ["NVIDIA L4"]
+
+
+def test_rocm_smi_json_followed_by_trailing_text(tools: Path) -> None:
+    data = {"card0": {"Card Series": "N/A", "Card SKU": "MI210", "VRAM Total Memory (B)": "100"}}
+    text = "WARNING: x\n" + json.dumps(data) + "\n===== End of ROCm SMI Log =====\n"
+    fake_tool(tools, "rocm-smi", text)
+    assert offload.detect_devices(env={}) == (GpuDevice("rocm", "MI210", 100, None),)
+
+
+def test_metal_plans_partial_offload_above_the_working_set(
+    tools: Path, apple_silicon: None, gpu_build: None
+) -> None:
+    fake_tool(tools, "sysctl", "Apple M2\n17179869184\n")  # 16 GiB: 10.7 GiB working set
+    plan = offload.plan_offload(14 * 1024**3, n_layers=40, env={})
+    assert (plan.n_gpu_layers, plan.backend) == (28, "metal")  # 40 * 95% * 10.7 / 14
+    assert "recommended working set" in plan.reason
+    fake_tool(tools, "sysctl", "Apple M2\n17179869184\n14336\n")  # iogpu.wired_limit_mb set
+    assert offload.plan_offload(12 * 1024**3, n_layers=40, env={}).n_gpu_layers == -1
+    assert metal.working_set(128 * 1024**3) == 96 * 1024**3
+
+
+def test_plan_for_model_reads_the_header_and_counts_the_kv_cache(
+    tools: Path, gpu_build: None, gemma: Path
+) -> None:
+    from llmlb_node.gguf import read_header
+
+    estimate = offload.estimate_memory(read_header(gemma), 2048)
+    assert estimate is not None and estimate.n_layers == 18
+    # llama.cpp 0.3.36 logs for n_ctx=2048: KV 36.00 MiB (f16), compute buffer 514.50 MiB.
+    assert estimate.kv_cache_bytes == 36 * MIB
+    assert abs(estimate.compute_bytes - 514.5 * MIB) < 0.01 * 514.5 * MIB
+    assert offload.estimate_memory(read_header(gemma), 8192).kv_cache_bytes == 144 * MIB
+    q8 = offload.estimate_memory(read_header(gemma), 2048, type_k=8, type_v=8)
+    assert q8 is not None and q8.kv_cache_bytes == 36 * MIB * 34 // 64
+
+    free = estimate.gpu_bytes(9) + 1  # room for exactly 9 layers at 95%
+    fake_nvidia_smi(tools, f"0, GPU-x, Small GPU, 4096, {int(free / 0.95 / MIB) + 1}\n")
+    plan = offload.plan_for_model(gemma, n_ctx=2048, env={})
+    assert plan.n_gpu_layers == 9 and plan.estimate == estimate
+    assert "9 of 18 layers" in plan.reason
+    bigger = offload.plan_for_model(gemma, n_ctx=32768, env={})  # the KV cache grows
+    assert bigger.n_gpu_layers < 9
+
+
+def test_plan_without_a_readable_header_goes_by_bytes(
+    tools: Path, gpu_build: None, tmp_path: Path
+) -> None:
+    fake_tool(tools, "nvidia-smi", "0, GPU-x, GPU, 4096, 1000\n")
+    junk = tmp_path / "x.gguf"
+    junk.write_bytes(b"not a gguf" * 1000)
+    plan = offload.plan_for_model(junk, required_memory_bytes=2000 * MIB, env={})
+    assert (plan.n_gpu_layers, plan.estimate) == (0, None)
+    assert offload.plan_for_model(junk, env={}).n_gpu_layers == -1  # 10 KB fits
+
+
+def test_cpu_only_plan_never_reads_the_header(tmp_path: Path, cpu_build: None, tools: Path) -> None:
+    missing = tmp_path / "never-opened.gguf"
+    plan = offload.plan_for_model(missing, n_ctx=512, env={})
+    assert (plan.n_gpu_layers, plan.estimate) == (0, None)

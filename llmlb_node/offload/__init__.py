@@ -5,6 +5,8 @@ One module per platform strategy (metal, cuda, rocm, vulkan, cpu) sits behind `p
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
 import logging
 import os
@@ -20,15 +22,18 @@ from pathlib import Path
 
 from . import cpu, cuda, metal, rocm, vulkan
 from ._common import GpuDevice, human_bytes
+from .memory import MemoryEstimate, estimate_memory
 
 __all__ = [
-    "ASSUMED_LAYERS",
     "ENV_VAR",
     "GpuDevice",
+    "MemoryEstimate",
     "OffloadPlan",
     "built_backends",
     "detect_devices",
+    "estimate_memory",
     "gpu_offload_supported",
+    "plan_for_model",
     "plan_offload",
     "rebuild_hint",
 ]
@@ -36,10 +41,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "LLMLB_N_GPU_LAYERS"
-ASSUMED_LAYERS = 24
-"""Layer count assumed for a partial offload when the caller does not know the real one."""
-UNKNOWN_LAYERS_HEADROOM = 0.9
-"""Share of free GPU memory used when the layer count is unknown (the rest is headroom)."""
+GPU_HEADROOM = 0.95
+"""Share of a GPU's free memory a plan may fill (drivers and fragmentation take the rest)."""
 
 _STRATEGIES = {"cuda": cuda, "rocm": rocm, "vulkan": vulkan, "metal": metal}
 _DETECTORS: tuple[Callable[[Mapping[str, str]], tuple[GpuDevice, ...]], ...] = (
@@ -75,6 +78,8 @@ class OffloadPlan:
     """``metal``, ``cuda``, ``rocm``, ``vulkan`` (``sycl`` for SYCL builds) or ``cpu``."""
     reason: str
     devices: tuple[GpuDevice, ...] = ()
+    estimate: MemoryEstimate | None = None
+    """The memory estimate from the model's GGUF header, when it could be read."""
 
     @property
     def layers_text(self) -> str:
@@ -155,42 +160,124 @@ def rebuild_hint(backend: str) -> str:
     return _hint(preset)
 
 
+def plan_for_model(
+    path: str | os.PathLike[str] | None,
+    *,
+    n_ctx: int | None = None,
+    n_gpu_layers: int | str | None = "auto",
+    required_memory_bytes: int | None = None,
+    type_k: int | None = None,
+    type_v: int | None = None,
+    env: Mapping[str, str] | None = None,
+    devices: Sequence[GpuDevice] | None = None,
+) -> OffloadPlan:
+    """The offload plan for the GGUF at `path` run with context `n_ctx`: what LazyLlama loads
+    with and what ``doctor ID`` shows, from one function.
+
+    The memory need comes from the file's header (`estimate_memory`: weights per layer, the KV
+    cache for `n_ctx` and the compute buffers), read only when a GPU is there to plan for.
+    Without a readable header (`path` None, not yet installed, or unparseable) the plan goes by
+    bytes: `required_memory_bytes` (the catalog's figure, else the file size) either fits or the
+    model runs on the CPU; a layer count is never guessed.
+    """
+
+    def estimate() -> MemoryEstimate | None:
+        if path is None:
+            return None
+        from ..gguf import GGUFError, read_header
+
+        try:
+            return estimate_memory(read_header(path), n_ctx, type_k=type_k, type_v=type_v)
+        except (OSError, GGUFError) as exc:
+            logger.debug("cannot read the GGUF header of %s: %s", path, exc)
+            return None
+
+    required = required_memory_bytes
+    if required is None and path is not None:
+        with contextlib.suppress(OSError):
+            required = os.path.getsize(path) or None
+    return plan_offload(
+        required, n_gpu_layers=n_gpu_layers, env=env, estimate=estimate, devices=devices
+    )
+
+
 def plan_offload(
     required_memory_bytes: int | None = None,
     *,
     n_gpu_layers: int | str | None = "auto",
     n_layers: int | None = None,
     env: Mapping[str, str] | None = None,
+    estimate: MemoryEstimate | Callable[[], MemoryEstimate | None] | None = None,
+    devices: Sequence[GpuDevice] | None = None,
 ) -> OffloadPlan:
-    """Decide ``n_gpu_layers`` for a model needing `required_memory_bytes` bytes.
+    """Decide ``n_gpu_layers`` for a model (see `plan_for_model` for a GGUF file).
 
     Rules, in order:
 
     1. an explicit `n_gpu_layers` (int, or a numeric string) always wins;
     2. else ``LLMLB_N_GPU_LAYERS`` from `env` (default os.environ): an int, or ``auto``;
-    3. else auto: Apple silicon with a build that can offload -> -1 (all layers, Metal). A build
-       that can offload plus a visible CUDA/ROCm/Vulkan device -> -1 when the model fits in the
-       free memory of that backend's devices (summed: llama.cpp splits layers across them), else
-       ``floor(n_layers * free / required)``. Without `n_layers` we assume `ASSUMED_LAYERS`
-       layers and use `UNKNOWN_LAYERS_HEADROOM` of the free memory, which under-offloads (never
-       over-commits) any model with at least that many layers; the reason says so. A model size
-       or free memory that is unknown counts as "fits". Everything else -> CPU (0).
+    3. else auto, with a build that can offload and a visible GPU (CUDA, ROCm, Vulkan, or Metal
+       on Apple silicon): all layers (-1) when the model fits in `GPU_HEADROOM` of the free
+       memory of that backend's devices (summed: llama.cpp splits layers across them; Metal's
+       is the recommended working set, not all of unified memory). Else, with `estimate`, the
+       most layers whose weights, KV cache and compute buffer fit; with only `n_layers`,
+       ``floor(n_layers * free / required)``; with neither, the CPU (never a guessed layer
+       count). A model size or free memory that no tool reports counts as "fits".
+       Everything else -> CPU (0).
 
-    A GPU that is visible while the installed llama.cpp cannot offload logs one WARNING per
-    process (and backend) with the rebuild command. Raises `ValueError` for a malformed value.
+    `estimate` may be a function that makes it, called only when a GPU is there to plan for.
+    `devices` saves detecting them again (``doctor`` passes the ones it shows). A GPU that is
+    visible while the installed llama.cpp cannot offload logs one WARNING per process (and
+    backend) with the rebuild command. Raises `ValueError` for a malformed value.
     """
     env = os.environ if env is None else env
+    found = tuple(devices) if devices is not None else None
+    need = _Need(required_memory_bytes, n_layers, estimate)
     fixed = _parse_layers(n_gpu_layers, "n_gpu_layers")
     if fixed is not None:
-        plan = _plan_fixed(fixed, f"explicit n_gpu_layers={fixed}", env)
+        plan = _plan_fixed(fixed, f"explicit n_gpu_layers={fixed}", env, found)
     else:
         fixed = _parse_layers(env.get(ENV_VAR), ENV_VAR)
         if fixed is not None:
-            plan = _plan_fixed(fixed, f"{ENV_VAR}={fixed} from the environment", env)
+            plan = _plan_fixed(fixed, f"{ENV_VAR}={fixed} from the environment", env, found)
         else:
-            plan = _plan_auto(required_memory_bytes, n_layers, env)
+            plan = _plan_auto(need, env, found)
+    if need.made is not None and plan.estimate is None:
+        plan = dataclasses.replace(plan, estimate=need.made)
     logger.debug("offload plan: %s", plan)  # callers log it with the model it is for
     return plan
+
+
+class _Need:
+    """What the model needs, as far as the caller knows it; the estimate made on first use."""
+
+    def __init__(
+        self,
+        required: int | None,
+        n_layers: int | None,
+        estimate: MemoryEstimate | Callable[[], MemoryEstimate | None] | None,
+    ) -> None:
+        self.required = required
+        self.n_layers = n_layers
+        self._estimate = estimate
+        self._made = not callable(estimate)
+
+    @property
+    def estimate(self) -> MemoryEstimate | None:
+        if not self._made:
+            self._made = True
+            self._estimate = self._estimate()  # type: ignore[operator]
+        return self._estimate  # type: ignore[return-value]
+
+    @property
+    def made(self) -> MemoryEstimate | None:
+        """The estimate if it was needed (and could be made); never makes it."""
+        return self._estimate if self._made else None  # type: ignore[return-value]
+
+    @property
+    def full_bytes(self) -> int | None:
+        estimate = self.estimate
+        return estimate.gpu_bytes(-1) if estimate is not None else self.required
 
 
 def _parse_layers(value: int | str | None, source: str) -> int | None:
@@ -210,11 +297,13 @@ def _parse_layers(value: int | str | None, source: str) -> int | None:
         raise ValueError(f"{source}={value!r} must be an integer or 'auto'") from None
 
 
-def _plan_fixed(layers: int, reason: str, env: Mapping[str, str]) -> OffloadPlan:
+def _plan_fixed(
+    layers: int, reason: str, env: Mapping[str, str], found: tuple[GpuDevice, ...] | None
+) -> OffloadPlan:
     if layers == 0:
         return OffloadPlan(0, "cpu", reason)
     supported = gpu_offload_supported()
-    devices = detect_devices(env)
+    devices = detect_devices(env) if found is None else found
     built = built_backends()
     choice = _choose(devices, built)
     if not supported:
@@ -244,11 +333,13 @@ def _gpu_may_exist(env: Mapping[str, str]) -> bool:
     return any(shutil.which(tool, path=path) for tool in ("nvidia-smi", "rocm-smi", "vulkaninfo"))
 
 
-def _plan_auto(required: int | None, n_layers: int | None, env: Mapping[str, str]) -> OffloadPlan:
+def _plan_auto(
+    need: _Need, env: Mapping[str, str], found: tuple[GpuDevice, ...] | None
+) -> OffloadPlan:
     supported = gpu_offload_supported()
-    if not supported and not _gpu_may_exist(env):
+    if not supported and found is None and not _gpu_may_exist(env):
         return OffloadPlan(0, "cpu", "no GPU detected: running on CPU")
-    devices = detect_devices(env)
+    devices = detect_devices(env) if found is None else found
     built = built_backends()
     choice = _choose(devices, built)
     if not supported:
@@ -269,32 +360,37 @@ def _plan_auto(required: int | None, n_layers: int | None, env: Mapping[str, str
             -1, backend, "llama.cpp reports a usable GPU (no device details found): all layers"
         )
     backend, devs = choice
-    if backend == "metal":
-        return OffloadPlan(-1, backend, f"Apple silicon ({_names(devs)}), unified memory", devs)
-
     free, note = _free_memory(backend, devs, devices)
     where = f"{_names(devs)}{note}"
+    required = need.full_bytes
     if required is None:
         return OffloadPlan(-1, backend, f"model size unknown, assuming it fits on {where}", devs)
     if free is None:
         return OffloadPlan(-1, backend, f"free memory of {where} unknown, assuming it fits", devs)
-    need = f"model needs {human_bytes(required)}, {human_bytes(free)} free on {where}"
-    if required <= free:
-        return OffloadPlan(-1, backend, f"{need}: fits", devs)
-    if n_layers and n_layers > 0:
-        n = max(0, n_layers * free // required)
-        reason = f"{need}: {n} of {n_layers} layers (n_layers * free / required)"
-    else:
-        headroom_pct = round(UNKNOWN_LAYERS_HEADROOM * 100)
-        n = max(0, int(ASSUMED_LAYERS * free * headroom_pct // (required * 100)))
+    budget = int(free * GPU_HEADROOM)
+    what = "model needs" if need.estimate is None else f"model needs {need.estimate}:"
+    text = f"{what} {human_bytes(required)}, {human_bytes(free)} {_free_word(backend)} on {where}"
+    if required <= budget:
+        return OffloadPlan(-1, backend, f"{text}: fits", devs)
+    if need.estimate is not None:
+        n = need.estimate.max_layers_within(budget)
         reason = (
-            f"{need}: layer count unknown, so conservatively assuming {ASSUMED_LAYERS} layers "
-            f"and using {headroom_pct}% of free memory: {n} layers "
-            "(pass n_layers for an exact split)"
+            f"{text}: {n} of {need.estimate.n_layers} layers fit in "
+            f"{round(GPU_HEADROOM * 100)}% of it"
         )
+    elif need.n_layers and need.n_layers > 0:
+        n = max(0, need.n_layers * budget // required)
+        reason = f"{text}: {n} of {need.n_layers} layers (n_layers * free / required)"
+    else:
+        n = 0
+        reason = f"{text}: does not fit, and without the GGUF's layer count it cannot be split"
     if n == 0:
         return OffloadPlan(0, "cpu", f"{reason}; running on CPU", devs)
     return OffloadPlan(n, backend, reason, devs)
+
+
+def _free_word(backend: str) -> str:
+    return "usable (recommended working set)" if backend == "metal" else "free"
 
 
 def _choose(

@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..units import human_bytes  # noqa: F401  (re-exported for the strategies)
 
@@ -31,6 +31,8 @@ class GpuDevice:
     name: str
     total_memory: int | None = None
     free_memory: int | None = None
+    uuid: str | None = field(default=None, compare=False)
+    """The device's UUID when the tool reports it (``GPU-…``, ``MIG-…``)."""
 
     def __str__(self) -> str:
         parts = [f"{self.backend}: {self.name}"]
@@ -95,7 +97,9 @@ def _kill(proc: subprocess.Popen[str]) -> None:
 def visible(
     devices: Sequence[GpuDevice], env: Mapping[str, str], *names: str
 ) -> tuple[GpuDevice, ...]:
-    """Keep the devices a ``*_VISIBLE_DEVICES`` variable exposes (by index; UUIDs keep all)."""
+    """Keep the devices a ``*_VISIBLE_DEVICES`` variable exposes, by index or by UUID (a unique
+    prefix, as the runtimes accept). Like the runtimes, stop at the first entry that names no
+    device: a device that cannot be mapped is never counted."""
     for name in names:
         value = env.get(name)
         if value is None:
@@ -105,17 +109,22 @@ def visible(
             return ()
         picked: list[GpuDevice] = []
         for token in value.split(","):
-            token = token.strip()
-            if not token.isdigit():
-                if picked:
-                    break  # the runtimes stop at the first invalid entry
-                return tuple(devices)  # UUIDs or names: we cannot map them, assume all
-            index = int(token)
-            if index >= len(devices):
-                break
-            picked.append(devices[index])
+            device = by_token(devices, token.strip())
+            if device is None:
+                break  # the runtimes stop at the first invalid entry
+            if all(device is not p for p in picked):
+                picked.append(device)
         devices = picked
     return tuple(devices)
+
+
+def by_token(devices: Sequence[GpuDevice], token: str) -> GpuDevice | None:
+    """The device a ``*_VISIBLE_DEVICES`` entry names: an index, or a unique UUID prefix."""
+    if token.isdigit():
+        index = int(token)
+        return devices[index] if index < len(devices) else None
+    matches = [d for d in devices if d.uuid and token and d.uuid.lower().startswith(token.lower())]
+    return matches[0] if len(matches) == 1 else None
 
 
 def to_int(text: str | None, scale: int = 1) -> int | None:

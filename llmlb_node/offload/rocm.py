@@ -38,8 +38,8 @@ def parse_rocm_smi(text: str) -> tuple[GpuDevice, ...]:
     start = text.find("{")
     if start < 0:
         return ()
-    try:
-        data = json.loads(text[start:])
+    try:  # raw_decode: rocm-smi may print warnings after the JSON as well as before it
+        data, _ = json.JSONDecoder().raw_decode(text, start)
     except ValueError:
         return ()
     if not isinstance(data, dict):
@@ -50,7 +50,9 @@ def parse_rocm_smi(text: str) -> tuple[GpuDevice, ...]:
         if not isinstance(card, dict):
             continue
         fields = {str(k).strip().lower(): v for k, v in card.items()}
-        name = next((str(fields[k]) for k in _NAME_KEYS if fields.get(k)), f"AMD GPU ({key})")
+        name = next(
+            (str(fields[k]) for k in _NAME_KEYS if _named(fields.get(k))), f"AMD GPU ({key})"
+        )
         total = to_int(_str(fields.get("vram total memory (b)")))
         used = to_int(_str(fields.get("vram total used memory (b)")))
         free = total - used if total is not None and used is not None else None
@@ -83,6 +85,12 @@ def _read(path: Path) -> str | None:
         return path.read_text(errors="replace").strip() or None
     except OSError:
         return None
+
+
+def _named(value: Any) -> bool:
+    """A real name, not empty nor a tool's placeholder (N/A, [N/A], Unknown)."""
+    text = str(value or "").strip().strip("[]").strip().lower()
+    return bool(text) and text not in ("n/a", "na", "unknown")
 
 
 def _str(value: Any) -> str | None:
