@@ -146,7 +146,12 @@ class Downloader:
                 raise InsufficientDiskSpaceError(
                     partial.path.parent, file.expected_size or 0, _free(partial.path)
                 ) from exc
-            raise
+            # Say it as a failure of this source, never as a bare OSError (the partial file
+            # removed by hand mid-download, a directory made read-only, ...).
+            where = exc.filename or partial.path
+            raise fail(
+                remote.source, "disk", f"{file.filename}: {exc.strerror or exc} ({where})"
+            ) from exc
         except (IntegrityError, GGUFError) as exc:
             partial.discard()
             raise fail(remote.source, "integrity", str(exc), remote.url) from exc

@@ -60,6 +60,18 @@ class ModelNotInstalledError(LlmlbError, LookupError):
     """The model is not in the local store (raised where the network may not be used)."""
 
 
+class ModelBusyError(LlmlbError):
+    """The model is being downloaded by another process (or thread): it cannot be removed now."""
+
+    def __init__(self, model_id: str, holder: str) -> None:
+        self.model_id = model_id
+        self.holder = holder
+        super().__init__(
+            f"model {model_id!r} is being downloaded by {holder}; wait for it to finish "
+            "(or stop it), then run rm again"
+        )
+
+
 class InsufficientDiskSpaceError(LlmlbError, OSError):
     """The store's filesystem has less free space than the download still needs."""
 

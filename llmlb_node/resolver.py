@@ -22,6 +22,7 @@ from .errors import (
     DownloadStalledError,
     InsufficientDiskSpaceError,
     InvalidModelIdError,
+    ModelBusyError,
     ModelDownloadError,
     ModelNotInstalledError,
     SourceError,
@@ -263,11 +264,34 @@ class ModelResolver:
         return found.path
 
     def remove(self, model_id: str) -> bool:
-        """Delete an installed model (files, record, partial downloads)."""
+        """Delete an installed model (files, record, partial downloads).
+
+        Takes the model's download lock first: while a download holds it, raises
+        `ModelBusyError` naming the holder instead of pulling files from under it.
+        """
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id)
-        _INSTALLED.pop((self._cache_key, model_id), None)
-        return self.store.remove(model_id)
+        from filelock import FileLock, Timeout
+
+        if (str(self.settings.models_dir), model_id) in _FLIGHTS:
+            raise ModelBusyError(model_id, f"this process (pid {os.getpid()})")
+        lock = None
+        if self.store.meta_dir(model_id).is_dir():  # else no download ever started here
+            lock = FileLock(
+                str(self.store.lock_path(model_id)), thread_local=False, preserve_lock_file=True
+            )
+            try:
+                lock.acquire(timeout=0.5)
+            except Timeout:
+                data = read_status_file(self.store.status_path(model_id))
+                holder = f"pid {data.get('pid')} on {data.get('host')}" if data else "a process"
+                raise ModelBusyError(model_id, holder) from None
+        try:
+            _INSTALLED.pop((self._cache_key, model_id), None)
+            return self.store.remove(model_id)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def status(self, model_id: str | None = None) -> ModelStatus | list[ModelStatus]:
         """llmlb's ModelResolutionStatus for one model, or for every known model."""
@@ -452,20 +476,27 @@ class ModelResolver:
                 continue
             monitor.stage("verifying")
             if store.lookup(entry.id, entry) is None:  # else another writer won the race
-                store.publish(
-                    entry.id,
-                    [
-                        (
-                            Path(ready[f.filename].path),
-                            f.filename,
-                            ready[f.filename].size,
-                            ready[f.filename].sha256,
-                        )
-                        for f in todo
-                    ],
-                    source.label,
-                    order=[f.filename for f in entry.files],
-                )
+                try:
+                    store.publish(
+                        entry.id,
+                        [
+                            (
+                                Path(ready[f.filename].path),
+                                f.filename,
+                                ready[f.filename].size,
+                                ready[f.filename].sha256,
+                            )
+                            for f in todo
+                        ],
+                        source.label,
+                        order=[f.filename for f in entry.files],
+                    )
+                except FileNotFoundError as exc:  # removed by hand before the rename
+                    message = f"downloaded files were removed before install ({exc.filename})"
+                    failures.append(SourceFailure(source.label, "disk", message))
+                    log.info("%s: %s: %s [disk]", entry.id, source.label, message)
+                    ready.clear()
+                    continue
             else:
                 for fetched in ready.values():
                     Path(fetched.path).unlink(missing_ok=True)

@@ -98,7 +98,12 @@ class Partial:
     def save(self, durable: bool = False) -> None:
         """Write the sidecar; `durable` waits until it is on disk (it vouches for bytes)."""
         self.meta.update(pid=os.getpid(), host=hostname(), updated_at=time.time())
-        write_atomic(self.meta_path, json.dumps(self.meta).encode(), fsync=durable)
+        data = json.dumps(self.meta).encode()
+        try:
+            write_atomic(self.meta_path, data, fsync=durable)
+        except FileNotFoundError:  # its directory was removed under us (by hand)
+            self.meta_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.meta_path, data, fsync=durable)
 
     @property
     def done(self) -> int:

@@ -8,11 +8,13 @@ import json
 import os
 import pty
 import re
+import shutil
 import struct
 import subprocess
 import sys
 import termios
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,65 @@ def test_rm_of_an_unknown_id_exits_3_like_every_command(world: World) -> None:
     assert done.returncode == 3
     assert "'tiyn' is not supported" in done.stderr and "Did you mean: tiny?" in done.stderr
     assert cli("rm", "../etc").returncode == 3
+
+
+def _pull_in_background(world: World) -> subprocess.Popen[str]:
+    """A slow `llmlb-node pull tiny` (about 1.5 s), returned once its first bytes are on disk."""
+    world.hub.cdn.rate_limit(200_000)
+    proc = subprocess.Popen(
+        [str(LLMLB_NODE), "pull", MODEL_ID],
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    status = world.models_dir / ".llmlb" / MODEL_ID / "status.json"
+    deadline = time.monotonic() + 30
+    while not (status.exists() and json.loads(status.read_text()).get("downloaded", 0) > 0):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    return proc
+
+
+def test_rm_refuses_while_another_process_downloads_the_model(world: World) -> None:
+    pull = _pull_in_background(world)
+    try:
+        refused = cli("rm", MODEL_ID)
+        out, err = pull.communicate(timeout=60)
+    finally:
+        pull.kill()
+        pull.wait()
+
+    assert refused.returncode == 1
+    assert f"'tiny' is being downloaded by pid {pull.pid}" in refused.stderr
+    assert "Errno" not in refused.stderr
+    assert pull.returncode == 0, err
+    assert "Errno" not in err and out.strip() == str(world.installed_path())
+    assert world.installed_path().read_bytes() == world.content
+    assert cli("rm", MODEL_ID).returncode == 0  # once the download is over, rm works
+    assert not world.installed_path().exists()
+
+
+def test_files_removed_by_hand_mid_download_are_a_clean_failure_or_a_retry(world: World) -> None:
+    pull = _pull_in_background(world)
+    try:
+        # What `rm -rf` under the store would do: the partial, its sidecar, all bookkeeping
+        # but the lock the download holds.
+        shutil.rmtree(world.models_dir / MODEL_ID)
+        for child in (world.models_dir / ".llmlb" / MODEL_ID).iterdir():
+            if child.name != "lock":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        out, err = pull.communicate(timeout=60)
+    finally:
+        pull.kill()
+        pull.wait()
+
+    assert "Traceback" not in err and "Errno" not in err, err
+    assert pull.returncode in (0, 4), err
+    if pull.returncode == 0:  # the next source delivered it again
+        assert world.installed_path().read_bytes() == world.content
+    else:
+        assert "[disk]" in err
 
 
 # -- status ----------------------------------------------------------------------------------
