@@ -141,6 +141,8 @@ class Downloader:
             partial.discard()
             raise
         except OSError as exc:
+            if isinstance(exc, DownloadStalledError):  # a TimeoutError, so an OSError too
+                raise
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 partial.discard()
                 raise InsufficientDiskSpaceError(
