@@ -249,10 +249,13 @@ def test_files_removed_by_hand_mid_download_are_a_clean_failure_or_a_retry(world
     try:
         # What `rm -rf` under the store would do: the partial, its sidecar, all bookkeeping
         # but the lock the download holds.
-        shutil.rmtree(world.models_dir / MODEL_ID)
+        # (The download keeps writing meanwhile, so the removal races it, as rm -rf would.)
+        shutil.rmtree(world.models_dir / MODEL_ID, ignore_errors=True)
         for child in (world.models_dir / ".llmlb" / MODEL_ID).iterdir():
-            if child.name != "lock":
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            elif child.name != "lock":
+                child.unlink(missing_ok=True)
         out, err = pull.communicate(timeout=60)
     finally:
         pull.kill()
