@@ -31,13 +31,15 @@ from ..errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from . import inference, lb, models, openai
+from . import inference, lb, management, metrics, models, openai
 from .errors import (
     ContextLengthExceededError,
     GenerationCancelledError,
     InvalidRequestError,
+    ModelBusyError,
     ModelLoadingError,
     ServerBusyError,
+    ShuttingDownError,
     UnauthorizedError,
 )
 from .pool import Lease, ModelPool, describe
@@ -53,6 +55,8 @@ ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
     InvalidRequestError: (400, "invalid_request_error", None),
     UnauthorizedError: (401, "invalid_request_error", "invalid_api_key"),
     ServerBusyError: (429, "server_error", "server_busy"),
+    ModelBusyError: (409, "invalid_request_error", "model_in_use"),
+    ShuttingDownError: (503, "server_error", "shutting_down"),
     ModelDownloadError: (502, "server_error", "download_failed"),
     IntegrityError: (502, "server_error", "download_failed"),
     InsufficientDiskSpaceError: (507, "server_error", "insufficient_storage"),
@@ -120,6 +124,7 @@ async def embeddings(request: Request) -> Response:
         call = functools.partial(inference.embed, lease.llm, parsed.kwargs, parsed.model)
         result = await _unless_disconnected(request, lease.run(call))
     request.state.tokens = (result.get("usage") or {}).get("total_tokens")
+    request.state.prompt_tokens = (result.get("usage") or {}).get("prompt_tokens")
     return JSONResponse(openai.embeddings_response(result, parsed.model, parsed.encoding_format))
 
 
@@ -166,6 +171,7 @@ async def _generate(request: Request, parsed: openai.ParsedRequest, method: str)
     finally:
         lease.release()
     request.state.tokens = (result.get("usage") or {}).get("completion_tokens")
+    request.state.prompt_tokens = (result.get("usage") or {}).get("prompt_tokens")
     return JSONResponse(result)
 
 
@@ -292,21 +298,34 @@ routes = [
     Route("/v0/supported-models", supported_models, methods=["GET"]),
     Route("/api/health", lb.health, methods=["GET"]),
     Route("/api/system", lb.system, methods=["GET"]),
+    Route("/api/models/pull", management.pull, methods=["POST"]),
+    Route("/api/tags", management.tags, methods=["GET"]),
+    Route("/api/ps", management.ps, methods=["GET"]),
+    Route("/api/models/unload", management.unload, methods=["POST"]),
+    Route("/api/models/{model_id}", management.delete, methods=["DELETE"]),
+    Route("/metrics", metrics.metrics, methods=["GET"]),
 ]
 
 
 def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = None) -> Starlette:
     """The node's ASGI app; its lifespan creates the model pool (or uses `pool`)."""
     settings = settings or ServerSettings.from_env()
+    node_metrics = metrics.NodeMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         own = pool or ModelPool(settings)
+        node_metrics.watch(own)
         await asyncio.to_thread(lambda: own.resolver.catalog)  # parse it once, off the loop
         hardware = lb.Hardware()
         hardware.start()
         try:
-            yield {"pool": own, "started": int(time.time()), "hardware": hardware}
+            yield {
+                "pool": own,
+                "started": int(time.time()),
+                "hardware": hardware,
+                "metrics": node_metrics,
+            }
         finally:
             await hardware.stop()
             await own.close()
@@ -314,6 +333,10 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
     return Starlette(
         routes=routes,
         exception_handlers={LlmlbError: on_error, HTTPException: on_http_error},
-        middleware=[Middleware(AccessLog), Middleware(BearerAuth, api_key=settings.api_key)],
+        middleware=[
+            Middleware(metrics.RequestMetrics, metrics=node_metrics, routes=routes),
+            Middleware(AccessLog),
+            Middleware(BearerAuth, api_key=settings.api_key),
+        ],
         lifespan=lifespan,
     )

@@ -42,3 +42,23 @@ class ModelLoadingError(LlmlbError):
 
 class GenerationCancelledError(LlmlbError):
     """The client went away; its generation stopped before the next token."""
+
+
+class ModelBusyError(LlmlbError):
+    """The model has requests in flight (or is loading or downloading): it cannot go now."""
+
+
+class ShuttingDownError(LlmlbError):
+    """The node is shutting down: new requests are refused, unfinished ones end with this."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class DownloadInterrupted(BaseException):  # noqa: N818 - a stop signal, like KeyboardInterrupt
+    """Raised in a download's progress callback to stop it at shutdown, partial kept.
+
+    Not an `Exception`, so that nothing on the way catches it as a failure: the resolver
+    records the download as interrupted, as it does for Ctrl-C.
+    """

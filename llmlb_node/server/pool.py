@@ -9,18 +9,28 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ..errors import LlmlbError
+from ..errors import InsufficientDiskSpaceError, IntegrityError, LlmlbError, ModelDownloadError
 from ..lazy import LazyLlama
+from ..progress import ProgressCallback, ProgressEvent
 from ..resolver import ModelResolver, ModelStatus
 from ..units import human_bytes
-from .errors import GenerationCancelledError, ModelLoadingError, ServerBusyError
+from .errors import (
+    DownloadInterrupted,
+    GenerationCancelledError,
+    ModelBusyError,
+    ModelLoadingError,
+    ServerBusyError,
+    ShuttingDownError,
+)
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -69,6 +79,8 @@ class Slot:
         self.keep_alive = keep_alive
         self.timer: asyncio.TimerHandle | None = None
         self.load_task: asyncio.Task[None] | None = None
+        self.rss_bytes: int | None = None
+        """How much the process's resident memory grew while this model loaded."""
 
     def move(self, new: SlotState) -> None:
         """Change state along `TRANSITIONS`; anything else is a bug in this module."""
@@ -79,6 +91,33 @@ class Slot:
 
     def __str__(self) -> str:
         return f"{self.model_id} (embeddings)" if self.embedding else self.model_id
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """One model context as /api/ps and /metrics show it (times are Unix seconds)."""
+
+    model_id: str
+    embedding: bool
+    state: SlotState
+    active: int
+    """Requests holding the model's turn (0 or 1)."""
+    queued: int
+    """Requests admitted and waiting (for the load or for their turn)."""
+    last_used: float
+    expires_at: float | None
+    """When keep-alive unloads it; None while in use or kept forever."""
+    rss_bytes: int | None
+
+
+class PoolObserver:
+    """What the pool reports as it works (the metrics subscribe); this base ignores it all."""
+
+    def progress(self, event: ProgressEvent) -> None:
+        """A download's progress event (from any thread)."""
+
+    def resolved(self, model_id: str, outcome: str) -> None:
+        """A resolve ended: ``local``, ``downloaded`` or ``failed`` (from any thread)."""
 
 
 class Lease:
@@ -261,6 +300,8 @@ class ModelPool:
         self._background: set[asyncio.Task[None]] = set()
         self.shutting_down = False
         """Set when the node stops taking requests: /api/health answers 503 ``offline``."""
+        self.observer = PoolObserver()
+        self._interrupting = False
 
     # -- what handlers use ----------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -279,6 +320,8 @@ class ModelPool:
         self, model_id: str, *, embedding: bool = False, keep_alive: float | None = None
     ) -> Lease:
         """Queue a request for `model_id`: `UnsupportedModelError` or `ServerBusyError` at once."""
+        if self.shutting_down:
+            raise ShuttingDownError("the node is shutting down; send the request to another node")
         await self.check_known(model_id)
         slot = self._slot(model_id, embedding)
         if slot.waiting >= self.settings.max_queue:
@@ -309,6 +352,97 @@ class ModelPool:
         request for any of them would get 429, so a load balancer should send it elsewhere."""
         ready = [s for s in self._slots.values() if s.state is SlotState.READY]
         return bool(ready) and all(s.waiting >= self.settings.max_queue for s in ready)
+
+    def snapshot(self) -> list[SlotInfo]:
+        """Every model context the pool holds or tracks, from memory (never waits)."""
+        now, wall = time.monotonic(), time.time()
+        infos = []
+        for slot in self._slots.values():
+            if slot.state is SlotState.UNLOADED and not slot.users:
+                continue
+            expires = None
+            if slot.timer is not None and not slot.users:
+                expires = wall + slot.timer.when() - asyncio.get_running_loop().time()
+            queued = slot.waiting
+            infos.append(
+                SlotInfo(
+                    slot.model_id,
+                    slot.embedding,
+                    slot.state,
+                    slot.users - queued,
+                    queued,
+                    wall - (now - slot.last_used),
+                    expires,
+                    slot.rss_bytes,
+                )
+            )
+        return infos
+
+    async def unload(self, model_id: str) -> bool:
+        """Unload the model's contexts now; `ModelBusyError` while requests use them.
+
+        True if something was loaded.
+        """
+        slots = [s for s in self._slots.values() if s.model_id == model_id]
+        async with self._changed:
+            self._check_idle(model_id, slots)
+            victims = [s for s in slots if s.state is SlotState.READY]
+            for slot in victims:
+                if slot.timer is not None:
+                    slot.timer.cancel()
+                    slot.timer = None
+                slot.move(SlotState.UNLOADING)
+            self._changed.notify_all()
+        for slot in victims:
+            log.info("%s: unloading (asked to)", slot)
+            await self._unload(slot)
+        return bool(victims)
+
+    async def remove(self, model_id: str) -> bool:
+        """Unload the model, then delete its files; `ModelBusyError` while it is in use."""
+        await self.unload(model_id)
+        async with self._changed:
+            self._check_idle(model_id, [s for s in self._slots.values() if s.model_id == model_id])
+            status = await self.status(model_id)
+            if status.status in ("downloading", "waiting"):
+                raise ModelBusyError(
+                    f"model {model_id!r} is downloading; wait for it to finish, then delete it"
+                )
+            return await asyncio.to_thread(self.resolver.remove, model_id)
+
+    @staticmethod
+    def _check_idle(model_id: str, slots: list[Slot]) -> None:
+        users = sum(s.users for s in slots)
+        if users:
+            raise ModelBusyError(
+                f"model {model_id!r} has {users} request(s) in flight; retry when they finish"
+            )
+        if any(s.state is SlotState.LOADING for s in slots):
+            raise ModelBusyError(f"model {model_id!r} is loading; retry when it is ready")
+
+    def drain(self) -> None:
+        """Shutdown began: refuse new requests from now on."""
+        self.shutting_down = True
+
+    def interrupt_downloads(self) -> None:
+        """Stop this process's downloads at their next progress report, keeping the partials
+        resumable (the resolver records them as interrupted)."""
+        self._interrupting = True
+
+    def progress_hook(self, then: ProgressCallback | None = None) -> ProgressCallback:
+        """The progress callback for a download this node runs: the observer sees it, `then`
+        gets it, and after `interrupt_downloads()` it stops the download."""
+
+        def hook(event: ProgressEvent) -> None:
+            self.observer.progress(event)
+            if then is not None:
+                then(event)
+            # The library has no cancel call: an exception that is not an Exception, raised in
+            # a progress callback, stops the transfer like Ctrl-C does (partial kept).
+            if self._interrupting and threading.current_thread().name != "llmlb-progress":
+                raise DownloadInterrupted(f"{event.model_id}: node shutting down")
+
+        return hook
 
     def state(self, model_id: str) -> SlotState:
         """The model's generation slot state (`UNLOADED` if never asked for)."""
@@ -364,7 +498,9 @@ class ModelPool:
             kwargs = dict(self.llama_kwargs)
             if embedding:
                 kwargs.update(embedding=True, pooling_type=_LLAMA_POOLING_MEAN)
-            llm = LazyLlama(model_id, resolver=self.resolver, **kwargs)
+            llm = LazyLlama(
+                model_id, resolver=self.resolver, progress=self.progress_hook(), **kwargs
+            )
             slot = self._slots[(model_id, embedding)] = Slot(
                 model_id, embedding, llm, self.settings.keep_alive
             )
@@ -409,9 +545,17 @@ class ModelPool:
         finally:
             slot.load_task = None
 
-    @staticmethod
-    def _load_blocking(slot: Slot) -> None:
+    def _load_blocking(self, slot: Slot) -> None:
+        try:
+            resolved = slot.llm.prefetch()
+        except (ModelDownloadError, IntegrityError, InsufficientDiskSpaceError):
+            self.observer.resolved(slot.model_id, "failed")
+            raise
+        outcome = "local" if resolved.source == "local" else "downloaded"
+        self.observer.resolved(slot.model_id, outcome)
+        before = rss_bytes()
         llama = slot.llm.load()
+        slot.rss_bytes = max(0, rss_bytes() - before) if before else None
         _install_cancel_hook(llama, slot.cancel)
 
     async def _make_room(self, slot: Slot) -> None:
@@ -485,6 +629,15 @@ def _load_error(slot: Slot, exc: BaseException) -> LlmlbError:
     error = ModelLoadError(f"could not load model {slot.model_id!r}: {exc}")
     error.__cause__ = exc
     return error
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (0 where /proc is not available)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def describe(status: ModelStatus, state: SlotState) -> str:
