@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -671,7 +670,7 @@ class LazyLlama:
         resolver = self._resolver
         settings = resolver.settings if resolver is not None else self._settings
         if settings is not None:  # secrets never go into a pickle
-            settings = dataclasses.replace(settings, hf_token=None, llmlb_api_key=None)
+            settings = settings.without_secrets()
         return {
             "model_id": self._model_id,
             "llama_kwargs": self.llama_kwargs,
@@ -686,10 +685,7 @@ class LazyLlama:
         if settings is not None:
             from .settings import Settings
 
-            own = Settings.from_env()
-            self._settings = dataclasses.replace(
-                settings, hf_token=own.hf_token, llmlb_api_key=own.llmlb_api_key
-            )
+            self._settings = settings.with_secrets_of(Settings.from_env())
         self._writes.update(state.get("writes") or {})
         if state.get("llama_factory") is not None:
             self.llama_factory = state["llama_factory"]

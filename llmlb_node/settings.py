@@ -46,6 +46,19 @@ class Settings:
     max_stalls: int = 3
     retry_backoff: float = 0.5
 
+    def without_secrets(self) -> Settings:
+        """These settings with every secret blanked (for pickles and anything stored)."""
+        return replace(self, hf_token=None, llmlb_api_key=None, llmlb_userinfo=None)
+
+    def with_secrets_of(self, other: Settings) -> Settings:
+        """These settings with `other`'s secrets (a pickle restored in this environment)."""
+        return replace(
+            self,
+            hf_token=other.hf_token,
+            llmlb_api_key=other.llmlb_api_key,
+            llmlb_userinfo=other.llmlb_userinfo,
+        )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Build settings from `env` (default: os.environ); keyword overrides win."""

@@ -794,11 +794,13 @@ def test_pickles_carry_no_secrets(store: Store) -> None:
             "LLMLB_HOME": str(store.settings.home),
             "HF_TOKEN": "hf_secret_token",
             "LLMLB_API_KEY": "llmlb-secret-key",
+            "LLMLB_URL": "http://node:llmlb-secret-password@127.0.0.1:9",
         }
     )
     with ModelResolver(settings) as resolver:
         data = pickle.dumps(LazyLlama(MODEL, resolver=resolver, **LLAMA_KW))
     assert b"hf_secret_token" not in data and b"llmlb-secret-key" not in data
+    assert b"llmlb-secret-password" not in data
     clone = pickle.loads(data)
     assert clone.model_path == str(store.resolved.path)  # same store as the original
 
