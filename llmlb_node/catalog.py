@@ -83,6 +83,8 @@ class ModelEntry:
     size_bytes: int | None = None
     required_memory_bytes: int | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    origin: str = field(default="", compare=False)
+    """The catalog file this entry was read from."""
 
     @property
     def filename(self) -> str:
@@ -103,11 +105,22 @@ class ModelEntry:
 
 
 class Catalog:
-    """The parsed catalog: entries by id, plus where they came from."""
+    """The parsed catalog: entries by id, plus where they came from.
 
-    def __init__(self, entries: list[ModelEntry], path: str) -> None:
+    A catalog may be layered from several files (`merge_catalogs`): `path` then names them all
+    (``a.json + b.json``), each entry's ``origin`` names its own file, and `overridden` the
+    lower layers' files that defined the same id.
+    """
+
+    def __init__(
+        self,
+        entries: list[ModelEntry],
+        path: str,
+        overridden: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.path = path
         self._entries = {e.id: e for e in entries}
+        self.overridden: Mapping[str, tuple[str, ...]] = dict(overridden or {})
 
     def __iter__(self):  # noqa: ANN204 - plain iterator over entries, in file order
         return iter(self._entries.values())
@@ -151,22 +164,60 @@ class Catalog:
         return found
 
 
-def catalog_path_from_env(env: Mapping[str, str] | None = None) -> Path:
-    """Which catalog file to use: LLMLB_SUPPORTED_MODELS, $LLMLB_HOME's, or the packaged one."""
+def catalog_paths_from_env(env: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """The catalog files to layer, lowest first (a later file's entry wins for the same id).
+
+    By default: the packaged catalog, then ``$LLMLB_HOME/supported_models.json`` if it exists.
+    ``LLMLB_SUPPORTED_MODELS`` (paths separated by `os.pathsep`) replaces that list, so one path
+    there means exactly that one file; an empty element stands for the default list
+    (``:/srv/extra.json`` adds a file on top of the defaults).
+    """
     env = os.environ if env is None else env
-    explicit = env.get("LLMLB_SUPPORTED_MODELS")
-    if explicit:
-        return Path(explicit).expanduser()
     home = Path(env.get("LLMLB_HOME") or Path.home() / ".llmlb").expanduser()
     candidate = home / "supported_models.json"
-    if candidate.is_file():
-        return candidate
-    return PACKAGED_CATALOG
+    defaults = [PACKAGED_CATALOG, candidate] if candidate.is_file() else [PACKAGED_CATALOG]
+    explicit = env.get("LLMLB_SUPPORTED_MODELS")
+    if not explicit:
+        return tuple(defaults)
+    paths: list[Path] = []
+    for part in explicit.split(os.pathsep):
+        paths.extend(defaults if not part.strip() else [Path(part.strip()).expanduser()])
+    return tuple(dict.fromkeys(paths))
+
+
+def catalog_path_from_env(env: Mapping[str, str] | None = None) -> Path:
+    """The top catalog layer: the last of `catalog_paths_from_env`."""
+    return catalog_paths_from_env(env)[-1]
+
+
+def merge_catalogs(catalogs: list[Catalog]) -> Catalog:
+    """Layer catalogs in order: a later catalog's entry replaces an earlier one's (same id)."""
+    if len(catalogs) == 1:
+        return catalogs[0]
+    entries: dict[str, ModelEntry] = {}
+    overridden: dict[str, tuple[str, ...]] = {}
+    for catalog in catalogs:
+        for entry in catalog:
+            below = entries.get(entry.id)
+            if below is not None:
+                overridden[entry.id] = (*overridden.get(entry.id, ()), below.origin)
+            entries[entry.id] = entry  # keeps the position the id first had
+    return Catalog(list(entries.values()), " + ".join(c.path for c in catalogs), overridden)
+
+
+def load_catalogs(paths: tuple[Path, ...] | list[Path]) -> Catalog:
+    """Read, validate and layer catalog files (see `catalog_paths_from_env`)."""
+    return merge_catalogs([load_catalog(p) for p in paths])
 
 
 def load_catalog(path: str | os.PathLike[str] | None = None) -> Catalog:
-    """Read and validate a catalog file; `CatalogError` names the file, entry and field."""
-    p = Path(path) if path is not None else catalog_path_from_env()
+    """Read and validate a catalog file; `CatalogError` names the file, entry and field.
+
+    Without `path`: the layered catalog the environment selects (`catalog_paths_from_env`).
+    """
+    if path is None:
+        return load_catalogs(catalog_paths_from_env())
+    p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
@@ -264,6 +315,7 @@ def _parse_entry(raw: Any, index: int, path: str) -> ModelEntry:
         size_bytes=size_bytes,
         required_memory_bytes=required_memory,
         raw=raw,
+        origin=path,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -165,30 +166,36 @@ def _parser() -> argparse.ArgumentParser:
 # -- commands --------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
     resolver = ModelResolver()
-    rows = []
-    for entry in resolver.catalog:
-        installed = resolver.installed(entry.id)
-        rows.append(
-            {
-                "id": entry.id,
-                "name": entry.name,
-                "size_bytes": entry.total_size,
-                "installed": installed is not None,
-                "path": str(installed.path) if installed else None,
-            }
-        )
+    models = resolver.models()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([m.to_dict() for m in models], indent=2))
         return EXIT_OK
     _table(
-        ["ID", "NAME", "SIZE", "INSTALLED"],
+        ["ID", "NAME", "SIZE", "INSTALLED", "CATALOG"],
         [
-            [r["id"], r["name"], _size(r["size_bytes"]), "yes" if r["installed"] else "-"]
-            for r in rows
+            [
+                m.id,
+                m.name,
+                _size(m.size_bytes),
+                "yes" if m.installed else "-",
+                _origin(m.catalog)
+                + (f" (overrides {', '.join(map(_origin, m.overrides))})" if m.overrides else ""),
+            ]
+            for m in models
         ],
     )
     print(f"\ncatalog: {resolver.catalog.path}\nstore:   {resolver.settings.models_dir}")
     return EXIT_OK
+
+
+def _origin(path: str) -> str:
+    """A catalog file as the `models` table shows it: "packaged", or its path."""
+    from .catalog import PACKAGED_CATALOG
+
+    if path == str(PACKAGED_CATALOG):
+        return "packaged"
+    home = os.path.expanduser("~")
+    return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

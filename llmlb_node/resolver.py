@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .catalog import Catalog, ModelEntry, is_valid_id, load_catalog
+from .catalog import Catalog, ModelEntry, is_valid_id, load_catalogs
 from .errors import (
     NOT_TRIED,
     DownloadStalledError,
@@ -101,6 +101,29 @@ class ModelStatus:
         return data
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """One catalog entry as a listing shows it (`ModelResolver.models`)."""
+
+    id: str
+    name: str
+    size_bytes: int | None
+    """The catalog's size (approximate unless the catalog lists exact file sizes)."""
+    installed: bool
+    path: str | None
+    """The installed main file, or None."""
+    catalog: str
+    """The catalog file the entry comes from."""
+    overrides: tuple[str, ...] = ()
+    """Lower catalog layers whose entry for the same id this one replaces."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``json.dumps([m.to_dict() for m in resolver.models()])``."""
+        data = asdict(self)
+        data["overrides"] = list(self.overrides)
+        return data
+
+
 class _Flight:
     """One in-process download that every thread asking for the same model shares."""
 
@@ -125,20 +148,21 @@ _INSTALLED: dict[
 ]
 _INSTALLED = {}
 # Parsed catalogs by path, valid while the file's (mtime, size) stays the same.
-_CATALOGS: dict[str, tuple[tuple[int, int], Catalog]] = {}
+_CATALOGS: dict[tuple[str, ...], tuple[tuple[tuple[int, int], ...], Catalog]] = {}
 
 
-def _shared_catalog(path: Path) -> Catalog:
+def _shared_catalog(paths: tuple[Path, ...]) -> Catalog:
+    """The layered catalog of `paths`, parsed again only when one of the files changed."""
     try:
-        st = os.stat(path)
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamps = tuple((st.st_mtime_ns, st.st_size) for st in map(os.stat, paths))
     except OSError:
-        return load_catalog(path)  # raises CatalogError naming the file
-    cached = _CATALOGS.get(str(path))
-    if cached is not None and cached[0] == stamp:
+        return load_catalogs(paths)  # raises CatalogError naming the file
+    key = tuple(map(str, paths))
+    cached = _CATALOGS.get(key)
+    if cached is not None and cached[0] == stamps:
         return cached[1]
-    catalog = load_catalog(path)
-    _CATALOGS[str(path)] = (stamp, catalog)
+    catalog = load_catalogs(paths)
+    _CATALOGS[key] = (stamps, catalog)
     return catalog
 
 
@@ -166,7 +190,8 @@ class ModelResolver:
         self._source_factory = sources
         self._downloader: Downloader | None = None
         self._init_lock = threading.Lock()
-        self._cache_key = (str(self.settings.models_dir), str(self.settings.catalog_path))
+        layers = os.pathsep.join(str(p) for p in self.settings.catalog_layers)
+        self._cache_key = (str(self.settings.models_dir), layers)
 
     # -- public API -----------------------------------------------------------------------
     @property
@@ -174,7 +199,7 @@ class ModelResolver:
         if self._catalog is None:
             with self._init_lock:
                 if self._catalog is None:
-                    self._catalog = _shared_catalog(self.settings.catalog_path)
+                    self._catalog = _shared_catalog(self.settings.catalog_layers)
         return self._catalog
 
     def resolve(self, model_id: str, *, progress: ProgressCallback | None = None) -> ResolvedModel:
@@ -215,6 +240,35 @@ class ModelResolver:
                 _LAST_FINISHED[key[0]] = flight.monitor.event
             flight.monitor.close()
             flight.done.set()
+
+    async def aresolve(
+        self, model_id: str, *, progress: ProgressCallback | None = None
+    ) -> ResolvedModel:
+        """`resolve` in a worker thread, so an asyncio event loop keeps running meanwhile.
+
+        Cancelling the awaiting task does not stop the download (other callers may share it).
+        """
+        import asyncio
+
+        return await asyncio.to_thread(self.resolve, model_id, progress=progress)
+
+    def models(self) -> list[ModelInfo]:
+        """Every catalog entry (in catalog order) with its installed state. No network."""
+        infos = []
+        for entry in self.catalog:
+            found = self.installed(entry.id)
+            infos.append(
+                ModelInfo(
+                    id=entry.id,
+                    name=entry.name,
+                    size_bytes=entry.total_size,
+                    installed=found is not None,
+                    path=str(found.path) if found else None,
+                    catalog=entry.origin,
+                    overrides=tuple(self.catalog.overridden.get(entry.id, ())),
+                )
+            )
+        return infos
 
     def installed(self, model_id: str) -> ResolvedModel | None:
         """The installed model, or None. Never touches the network: a few stat calls.

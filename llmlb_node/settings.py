@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .catalog import catalog_path_from_env
+from .catalog import catalog_paths_from_env
 from .errors import ConfigurationError
 from .origin import split_userinfo
 
@@ -26,6 +26,9 @@ class Settings:
     home: Path
     models_dir: Path
     catalog_path: Path
+    """The top catalog layer (the only one unless `catalog_paths` lists more)."""
+    catalog_paths: tuple[Path, ...] = ()
+    """Every catalog layer, lowest first; empty means just `catalog_path`."""
     llmlb_url: str | None = None
     """LLMLB_URL without its userinfo (safe to log and show)."""
     llmlb_userinfo: tuple[str, str] | None = field(default=None, repr=False)
@@ -77,10 +80,12 @@ class Settings:
         models = Path(env.get("LLMLB_MODELS_DIR") or home / "models").expanduser()
         allow = _allowlist(env)
         llmlb_url, userinfo = split_userinfo(_url(env, "LLMLB_URL") or "")
+        catalogs = catalog_paths_from_env(env)
         settings = cls(
             home=home,
             models_dir=models,
-            catalog_path=catalog_path_from_env(env),
+            catalog_path=catalogs[-1],
+            catalog_paths=catalogs,
             llmlb_url=llmlb_url or None,
             llmlb_userinfo=userinfo,
             llmlb_api_key=env.get("LLMLB_API_KEY") or None,
@@ -93,7 +98,14 @@ class Settings:
             hf_offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
         )
         _check_gpu_layers(env)
+        if "catalog_path" in overrides and "catalog_paths" not in overrides:
+            overrides["catalog_paths"] = (Path(overrides["catalog_path"]),)  # type: ignore[arg-type]
         return replace(settings, **overrides) if overrides else settings  # type: ignore[arg-type]
+
+    @property
+    def catalog_layers(self) -> tuple[Path, ...]:
+        """The catalog files to read, lowest layer first."""
+        return self.catalog_paths or (self.catalog_path,)
 
 
 _ENV_KEYS = (  # LLMLB_HOME first: the cache key above reads it by position

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -17,7 +18,9 @@ from llmlb_node.catalog import (
     Catalog,
     ModelEntry,
     catalog_path_from_env,
+    catalog_paths_from_env,
     load_catalog,
+    load_catalogs,
     parse_catalog,
 )
 from llmlb_node.errors import CatalogError, InvalidModelIdError, UnsupportedModelError
@@ -500,3 +503,60 @@ def test_unknown_id_lookup_is_well_under_a_millisecond() -> None:
             catalog.get("qwen2.5-7b-instrcut")
         timings.append(time.perf_counter() - start)
     assert statistics.median(timings) < 0.001
+
+
+# -- layers: the packaged catalog, $LLMLB_HOME's, LLMLB_SUPPORTED_MODELS ---------------------------
+def test_catalog_layers_by_default_and_from_the_variable(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"LLMLB_HOME": str(home)}
+    assert catalog_paths_from_env(env) == (PACKAGED_CATALOG,)
+    mine = home / "supported_models.json"
+    mine.write_text("[]")
+    assert catalog_paths_from_env(env) == (PACKAGED_CATALOG, mine)
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    one = {**env, "LLMLB_SUPPORTED_MODELS": str(a)}  # one file: exactly that file
+    assert catalog_paths_from_env(one) == (a,)
+    both = {**env, "LLMLB_SUPPORTED_MODELS": f"{a}{os.pathsep}{b}"}
+    assert catalog_paths_from_env(both) == (a, b)
+    # An empty element stands for the default layers.
+    on_top = {**env, "LLMLB_SUPPORTED_MODELS": f"{os.pathsep}{b}"}
+    assert catalog_paths_from_env(on_top) == (PACKAGED_CATALOG, mine, b)
+
+
+def test_home_catalog_extends_the_packaged_one(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    mine = _write(
+        home,
+        [_entry("my-model"), _entry("gemma-3-270m", name="My Gemma")],
+        "supported_models.json",
+    )
+    packaged = load_catalog(PACKAGED_CATALOG)
+
+    catalog = load_catalogs(catalog_paths_from_env({"LLMLB_HOME": str(home)}))
+
+    assert catalog.ids == [*packaged.ids, "my-model"]  # an override keeps its place
+    assert catalog.get("my-model").origin == str(mine)
+    assert catalog.get("gemma-3-270m").name == "My Gemma"  # the user's entry wins
+    assert catalog.get("gemma-3-270m").origin == str(mine)
+    assert catalog.overridden == {"gemma-3-270m": (str(PACKAGED_CATALOG),)}
+    assert catalog.get("qwen2.5-7b-instruct").origin == str(PACKAGED_CATALOG)
+    assert catalog.path == f"{PACKAGED_CATALOG} + {mine}"
+    with pytest.raises(UnsupportedModelError) as info:
+        catalog.get("my-modle")
+    assert str(mine) in str(info.value) and "my-model" in str(info.value)
+
+
+def test_layers_apply_in_order_and_a_bad_layer_names_its_file(tmp_path: Path) -> None:
+    a = _write(tmp_path, [_entry("m", name="from a"), _entry("only-a")], "a.json")
+    b = _write(tmp_path, [_entry("m", name="from b")], "b.json")
+    assert load_catalogs([a, b]).get("m").name == "from b"
+    assert load_catalogs([b, a]).get("m").name == "from a"
+    assert load_catalogs([a, b]).overridden == {"m": (str(a),)}
+
+    bad = _write(tmp_path, [{"id": "x"}], "bad.json")
+    with pytest.raises(CatalogError) as info:
+        load_catalogs([a, bad])
+    assert str(bad) in str(info.value)

@@ -63,26 +63,37 @@ def test_models_lists_ids_names_sizes_and_installed_state(world: World) -> None:
     before = cli("models")
     assert before.returncode == 0, before.stderr
     rows = before.stdout.splitlines()
-    assert rows[0].split() == ["ID", "NAME", "SIZE", "INSTALLED"]
-    assert rows[1].split() == ["tiny", "Tiny", "293.0", "KiB", "-"]
-    assert rows[2].split() == ["other", "Other", "2.4", "MiB", "-"]
+    cat = str(world.catalog_path)
+    assert rows[0].split() == ["ID", "NAME", "SIZE", "INSTALLED", "CATALOG"]
+    assert rows[1].split() == ["tiny", "Tiny", "293.0", "KiB", "-", cat]
+    assert rows[2].split() == ["other", "Other", "2.4", "MiB", "-", cat]
     assert f"catalog: {world.catalog_path}" in before.stdout
     assert f"store:   {world.models_dir}" in before.stdout
 
     path = _installed(world)
     after = cli("models")
-    assert after.stdout.splitlines()[1].split() == ["tiny", "Tiny", "293.0", "KiB", "yes"]
-    assert after.stdout.splitlines()[2].split()[-1] == "-"
+    assert after.stdout.splitlines()[1].split() == ["tiny", "Tiny", "293.0", "KiB", "yes", cat]
+    assert after.stdout.splitlines()[2].split()[-2] == "-"
 
     data = json.loads(cli("models", "--json").stdout)
     assert data == [
-        {"id": "tiny", "name": "Tiny", "size_bytes": SIZE, "installed": True, "path": str(path)},
+        {
+            "id": "tiny",
+            "name": "Tiny",
+            "size_bytes": SIZE,
+            "installed": True,
+            "path": str(path),
+            "catalog": cat,
+            "overrides": [],
+        },
         {
             "id": "other",
             "name": "Other",
             "size_bytes": 2_500_000,
             "installed": False,
             "path": None,
+            "catalog": cat,
+            "overrides": [],
         },
     ]
     assert world.requests() == 0  # listing never touches the network
@@ -720,3 +731,35 @@ def test_ctrl_c_mid_download_is_one_line_exit_130_and_resumes(
     assert cli("pull", "big").returncode == 0
     assert (model_dir / "big.gguf").read_bytes() == content
     assert world.hub.cdn.bytes_sent <= size - held + 1024 * 1024  # resumed, not restarted
+
+
+def test_a_home_catalog_adds_models_and_models_shows_where_each_comes_from(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmlb_node.catalog import PACKAGED_CATALOG, load_catalog
+
+    monkeypatch.delenv("LLMLB_SUPPORTED_MODELS")  # the default layers: packaged + home
+    mine = world.home / "supported_models.json"
+    gemma = {**world.entry(), "id": "gemma-3-270m", "name": "My Gemma"}
+    mine.write_text(json.dumps([world.entry(), gemma]))
+    packaged_ids = load_catalog(PACKAGED_CATALOG).ids
+
+    data = json.loads(cli("models", "--json").stdout)
+    assert [m["id"] for m in data] == [*packaged_ids, MODEL_ID]
+    by_id = {m["id"]: m for m in data}
+    assert by_id["tiny"]["catalog"] == str(mine) and by_id["tiny"]["overrides"] == []
+    assert by_id["gemma-3-270m"]["name"] == "My Gemma"
+    assert by_id["gemma-3-270m"]["overrides"] == [str(PACKAGED_CATALOG)]
+    assert by_id["qwen2.5-7b-instruct"]["catalog"] == str(PACKAGED_CATALOG)
+
+    rows = {r.split()[0]: r for r in cli("models").stdout.splitlines()[1:] if r.strip()}
+    assert rows["qwen2.5-7b-instruct"].endswith("packaged")
+    assert rows["gemma-3-270m"].endswith(f"{mine} (overrides packaged)")
+
+    # Packaged ids still resolve (not "unsupported"), and the user's model installs.
+    assert cli("path", "qwen2.5-7b-instruct").returncode == 1  # known, not installed
+    assert cli("pull", MODEL_ID).returncode == 0
+
+    # LLMLB_SUPPORTED_MODELS with one file: exactly that file.
+    only = cli("models", "--json", env={"LLMLB_SUPPORTED_MODELS": str(mine)})
+    assert [m["id"] for m in json.loads(only.stdout)] == [MODEL_ID, "gemma-3-270m"]
