@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import logging
 import re
+import sys
 import textwrap
 import threading
 import time
@@ -581,6 +582,13 @@ class LazyLlama:
         with self._slot.lock:
             return self._load_locked()
 
+    async def aload(self) -> Llama:
+        """`load` in a worker thread: ``await llm.aload()`` keeps an asyncio event loop running
+        while the model downloads and loads."""
+        import asyncio
+
+        return await asyncio.to_thread(self.load)
+
     def close(self) -> None:
         """Free the llama.cpp model (waits for calls in progress); the next use loads again."""
         slot = self._slot
@@ -762,9 +770,9 @@ class LazyLlama:
         if isinstance(factory, (staticmethod, classmethod)):
             factory = factory.__get__(self, type(self))
         if factory is None:
-            from llama_cpp import Llama
+            from .llamacpp import import_llama_cpp  # LlamaCppNotInstalledError, log routing
 
-            factory = Llama
+            factory = import_llama_cpp().Llama
         return factory
 
     def _bound(self, name: str) -> Callable[..., Any]:
@@ -852,13 +860,20 @@ class LazyLlama:
             # The catalog knows the template for models whose GGUF carries none.
             kwargs["chat_format"] = chat_format
         factory = self._factory()
+        from .llamacpp import native_log_to_stderr, route_native_log
+
+        if "llama_cpp" in sys.modules:  # also for a llama_factory of the caller's
+            route_native_log(sys.modules["llama_cpp"])
         started = time.perf_counter()
+        verbose = kwargs.get("verbose", True)
         try:
-            if kwargs.get("verbose", True):
-                llama = factory(model_path=str(resolved.path), **kwargs)
-            else:
-                with _QUIET_LOAD_LOCK:
+            # llama.cpp's own log goes to `logging` (DEBUG), or to stderr for verbose=True.
+            with native_log_to_stderr(verbose):
+                if verbose:
                     llama = factory(model_path=str(resolved.path), **kwargs)
+                else:
+                    with _QUIET_LOAD_LOCK:
+                        llama = factory(model_path=str(resolved.path), **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(
                 f"llama.cpp could not load model {self._model_id!r} from {resolved.path}: "

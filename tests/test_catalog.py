@@ -560,3 +560,18 @@ def test_layers_apply_in_order_and_a_bad_layer_names_its_file(tmp_path: Path) ->
     with pytest.raises(CatalogError) as info:
         load_catalogs([a, bad])
     assert str(bad) in str(info.value)
+
+
+def test_the_readme_s_chat_example_uses_an_instruct_model_of_the_catalog() -> None:
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    examples = re.findall(r"^llmlb-node run (\S+) .*--chat$", readme, re.M)
+    assert examples, "the README shows chat with a model of the catalog"
+    catalog = load_catalog(PACKAGED_CATALOG)
+    for model_id in examples:
+        entry = catalog.get(model_id)
+        assert "Instruct" in entry.name and "chat" in entry.raw.get("tags", [])
+    # The demo is the base model, and the README says so where it introduces it.
+    assert "instruct" not in catalog.get("gemma-3-270m").name.lower()
+    assert "It is the **base** model" in readme

@@ -460,3 +460,31 @@ def test_a_download_whose_process_died_reports_interrupted(world: World) -> None
     status = resolver.status(MODEL_ID)
     assert status.status == "interrupted" and status.error_message is None
     assert status.downloaded_bytes == 1000
+
+
+def test_aresolve_runs_in_a_worker_thread_while_the_loop_keeps_ticking(world: World) -> None:
+    import asyncio
+
+    world.hub.cdn.rate_limit(600_000)  # the 300 kB file takes about half a second
+    resolver = world.resolver()
+    ticks: list[float] = []
+
+    async def main() -> object:
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        started = time.monotonic()
+        resolved = await resolver.aresolve(MODEL_ID)
+        took = time.monotonic() - started
+        ticker.cancel()
+        return resolved, took
+
+    resolved, took = asyncio.run(main())
+
+    assert resolved.path.read_bytes() == world.content
+    assert took > 0.2
+    assert len(ticks) >= took / 0.01 * 0.5  # the loop ran its ticker all along
+    assert max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) < 0.15

@@ -1,0 +1,102 @@
+"""What `run` and a first load print, with the real model and llama.cpp: llama.cpp's log goes
+through `logging`, the seed is new each run unless given, and loading never blocks an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+
+import pytest
+
+from llmlb_node import LazyLlama
+
+from .conftest import GEMMA_ID, LLAMA_KWARGS, GemmaWorld
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture
+def installed(gemma_world: GemmaWorld, monkeypatch: pytest.MonkeyPatch) -> GemmaWorld:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # from the demo packages, like the README
+    done = _cli(gemma_world, "pull", GEMMA_ID)
+    assert done.returncode == 0, done.stderr
+    return gemma_world
+
+
+def _cli(world: GemmaWorld, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["llmlb-node", *args],
+        env={**os.environ, **world.env()},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def _run(world: GemmaWorld, *args: str, verbose: bool = False) -> subprocess.CompletedProcess[str]:
+    flags = ["-v"] if verbose else []
+    done = _cli(world, *flags, "run", GEMMA_ID, PROMPT, "--max-tokens", "24", *args)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_llama_cpp_log_goes_through_logging_unless_verbose(installed: GemmaWorld) -> None:
+    quiet = _run(installed, "-o", "n_ctx=256")
+    # Before: "llama_kv_cache_iswa: using full-size SWA cache" on stderr at every load.
+    (line,) = quiet.stderr.splitlines()  # nothing but our own line
+    assert line.startswith("loaded ")
+
+    logged = _run(installed, "-o", "n_ctx=256", verbose=True)  # -v: our DEBUG log shows it
+    native = [
+        line
+        for line in logged.stderr.splitlines()
+        if line.startswith("DEBUG llmlb_node.llama_cpp.native: ")
+    ]
+    assert any("SWA cache" in line for line in native)
+
+    loud = _run(installed, "-o", "n_ctx=256", "-o", "verbose=true")  # llama.cpp's own output
+    assert "using full-size SWA cache" in loud.stderr
+    assert "DEBUG llmlb_node.llama_cpp.native" not in loud.stderr
+
+
+def test_each_run_draws_a_new_seed_unless_one_is_given(installed: GemmaWorld) -> None:
+    fixed = [_run(installed, "--seed", "42", "-o", "n_ctx=256").stdout for _ in range(2)]
+    assert fixed[0] == fixed[1] and fixed[0].strip()
+    assert _run(installed, "-o", "seed=42", "-o", "n_ctx=256").stdout == fixed[0]
+
+    fresh = {_run(installed, "-o", "n_ctx=256").stdout for _ in range(3)}
+    assert len(fresh) > 1  # before: every run printed the same text
+    assert len({_run(installed, "-o", "seed=-1", "-o", "n_ctx=256").stdout, *fresh}) > 1
+
+
+def test_aload_keeps_the_event_loop_ticking(installed: GemmaWorld) -> None:
+    llm = LazyLlama(GEMMA_ID, **LLAMA_KWARGS)
+    ticks: list[float] = []
+
+    async def main() -> float:
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await llm.aload()
+        took = time.monotonic() - started
+        ticker.cancel()
+        return took
+
+    took = asyncio.run(main())
+    try:
+        assert llm.is_loaded
+        assert took > 0.05
+        assert len(ticks) >= took / 0.01 * 0.5
+        assert max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) < 0.2
+        assert llm("The capital of France is", max_tokens=4)["choices"][0]["text"]
+    finally:
+        llm.close()
