@@ -212,6 +212,7 @@ class Downloader:
                         out.flush()
                         _start_writeback(out.fileno(), done, n)
                         done += n
+                        partial.verified = done
                         progress(done, total)
             out.flush()
             os.fsync(out.fileno())
@@ -366,6 +367,16 @@ class _HttpTransfer:
         if self.hasher is not None:
             self.hasher.stop()
             self.hasher = None
+        self.partial.verified = 0
+
+    def _new_hasher(self) -> _PrefixHasher:
+        self.partial.verified = 0
+        hasher = _PrefixHasher(self.fd, on_hashed=self._hashed)
+        hasher.start()
+        return hasher
+
+    def _hashed(self, pos: int) -> None:
+        self.partial.verified = pos
 
     def _transfer(self) -> None:
         if not self.segments:
@@ -376,8 +387,7 @@ class _HttpTransfer:
             self.segments = [[0, self.total if self.total is not None else -1, 0]]
             self.may_split = self.remote_ranges and self.s.download_connections > 1
         self._preallocate()
-        self.hasher = _PrefixHasher(self.fd)
-        self.hasher.start()
+        self.hasher = self._new_hasher()
         self._note_progress(force=True)
         todo = [s for s in self.segments if s[1] == -1 or s[2] < s[1]]
         for seg in todo[1:]:
@@ -623,8 +633,7 @@ class _HttpTransfer:
                 self._new_probe()
                 if self.hasher is not None:
                     self.hasher.stop()
-                    self.hasher = _PrefixHasher(self.fd)
-                    self.hasher.start()
+                    self.hasher = self._new_hasher()
             return 0, length if length is not None else self.total
         first, last, total = _content_range(response)
         if first is None or last is None or last < first:
@@ -804,8 +813,10 @@ class _PrefixHasher:
     stream, parallel ranges and resumed partials.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, on_hashed: Callable[[int], None] | None = None) -> None:
         self.fd = fd
+        self.on_hashed = on_hashed or (lambda pos: None)
+        """Called in the hashing thread with the length of the prefix hashed so far."""
         self.h = hashlib.sha256()
         self.pos = 0
         self.mark = 0
@@ -856,6 +867,7 @@ class _PrefixHasher:
                 self.h.update(block)
                 _start_writeback(self.fd, self.pos, len(block))
                 self.pos += len(block)
+                self.on_hashed(self.pos)
             if final is not None:
                 return
 

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,7 @@ from .progress import (
     read_status_file,
 )
 from .settings import Settings
-from .store import InstallRecord, ModelStore, hostname, pid_alive
+from .store import InstallRecord, ModelStore, Partial, hostname, pid_alive
 
 if TYPE_CHECKING:
     from .download import Downloader, Fetched
@@ -62,6 +62,35 @@ class ResolvedModel:
 
     def __fspath__(self) -> str:
         return str(self.path)
+
+
+@dataclass(frozen=True)
+class Filling:
+    """A file this process is downloading now: its partial file, and what it will hold."""
+
+    partial: Partial
+    size: int | None
+    """The file's length as the source (or the catalog) states it before the transfer."""
+    sha256: str | None
+    """The sha256 the finished file must have (the catalog's, else the source's)."""
+
+    @property
+    def verified(self) -> int:
+        """Bytes at the start of the partial file written and hashed in order so far."""
+        return self.partial.verified
+
+
+@contextlib.contextmanager
+def _filling(store: str, model_id: str, filename: str, filling: Filling) -> Iterator[None]:
+    key = (store, model_id, filename)
+    with _FLIGHTS_LOCK:
+        _FILLING[key] = filling
+    try:
+        yield
+    finally:
+        with _FLIGHTS_LOCK:
+            if _FILLING.get(key) is filling:
+                del _FILLING[key]
 
 
 @dataclass(frozen=True)
@@ -138,6 +167,8 @@ class _Flight:
 _FLIGHTS: dict[tuple[str, str], _Flight] = {}
 _FLIGHTS_LOCK = threading.Lock()
 _SLOTS: threading.BoundedSemaphore | None = None
+# The files being downloaded in this process now: (store, model id, filename) -> Filling.
+_FILLING: dict[tuple[str, str, str], Filling] = {}
 # The final event of the last download each store's resolvers finished in this process.
 _LAST_FINISHED: dict[str, ProgressEvent] = {}
 
@@ -367,6 +398,12 @@ class ModelResolver:
             running = tuple(f.monitor.event for (d, _), f in _FLIGHTS.items() if d == root)
             return DownloadActivity(running, _LAST_FINISHED.get(root))
 
+    def filling(self, model_id: str, filename: str) -> Filling | None:
+        """The file this process is downloading for `model_id` now, else None (memory only):
+        what lets a node serve a file to another while it still arrives."""
+        with _FLIGHTS_LOCK:
+            return _FILLING.get((self._cache_key[0], model_id, filename))
+
     def close(self) -> None:
         if self._downloader is not None:
             self._downloader.close()
@@ -516,7 +553,9 @@ class ModelResolver:
                         stale_after,
                         accept=lambda meta, r=remote, f=f: can_resume(meta, r, f),
                     )
-                    ready[f.filename] = downloader.fetch(remote, partial, f, monitor.bytes)
+                    filling = Filling(partial, size, f.sha256 or remote.sha256)
+                    with _filling(self._cache_key[0], entry.id, f.filename, filling):
+                        ready[f.filename] = downloader.fetch(remote, partial, f, monitor.bytes)
                     monitor.file_done(ready[f.filename].size)
             except SourceError as exc:
                 # INFO: the next source may well succeed. If none does, ModelDownloadError

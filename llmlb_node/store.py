@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,10 @@ class Partial:
     path: Path
     meta_path: Path
     meta: dict[str, Any]
+    verified: int = field(default=0, compare=False)
+    """Bytes at the start of the file written and hashed in order, kept in memory by the
+    downloader while it runs: what a reader may serve before the download ends (a node feeding
+    another); the whole file is checked against its sha256 only at the end."""
 
     def save(self, durable: bool = False) -> None:
         """Write the sidecar; `durable` waits until it is on disk (it vouches for bytes)."""

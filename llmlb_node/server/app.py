@@ -31,7 +31,7 @@ from ..errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from . import inference, lb, management, metrics, models, openai
+from . import blob, inference, lb, management, metrics, models, openai
 from .errors import (
     ContextLengthExceededError,
     GenerationCancelledError,
@@ -304,6 +304,7 @@ routes = [
     Route("/api/models/unload", management.unload, methods=["POST"]),
     Route("/api/models/{model_id}", management.delete, methods=["DELETE"]),
     Route("/metrics", metrics.metrics, methods=["GET"]),
+    Route("/v0/models/blob/{model_id:path}", blob.blob, methods=["GET", "HEAD"]),
 ]
 
 
@@ -319,14 +320,17 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
         await asyncio.to_thread(lambda: own.resolver.catalog)  # parse it once, off the loop
         hardware = lb.Hardware()
         hardware.start()
+        feeds = blob.Feeds(own.resolver)
         try:
             yield {
                 "pool": own,
                 "started": int(time.time()),
                 "hardware": hardware,
                 "metrics": node_metrics,
+                "feeds": feeds,
             }
         finally:
+            await feeds.close()
             await hardware.stop()
             await own.close()
 
