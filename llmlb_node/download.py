@@ -306,6 +306,7 @@ class _HttpTransfer:
         self.remote_ranges = remote.ranges
         self._last_save = 0.0
         self._saved_bytes = 0
+        self.saver = _Background(self._save, "llmlb-sidecar")
 
     # The whole transfer --------------------------------------------------------------------
     def run(self) -> tuple[int, str]:
@@ -345,7 +346,8 @@ class _HttpTransfer:
         finally:
             if self.hasher is not None:
                 self.hasher.stop()
-            self.probe.result()  # never close the fd under a parse
+            self.probe.result()  # never close the fd under a parse or a sync
+            self.saver.stop()
             os.close(self.fd)
 
     def _resumable(self, meta: dict) -> bool:
@@ -356,6 +358,8 @@ class _HttpTransfer:
         self.probe = _HeaderProbe(self.fd, enabled=_is_gguf_name(self.file.filename))
 
     def _restart(self) -> None:
+        self.saver.stop()  # no sidecar for the old bytes may land after this
+        self.saver = _Background(self._save, "llmlb-sidecar")
         self.cancel.clear()
         self.segments = []
         self.partial.meta.clear()
@@ -761,13 +765,12 @@ class _HttpTransfer:
         self.probe.offer(mark)
         self.progress(done, self.total)
         if force:
-            with self.lock:
-                self._save(done)
-        elif self._save_due(done) and self.lock.acquire(blocking=False):
-            try:  # one thread saves; the others keep downloading meanwhile
-                self._save(done)
-            finally:
-                self.lock.release()
+            self._save()
+        elif self._save_due(done):
+            # The sync a save waits for must not stall a connection: a thread of its own does it.
+            self._last_save = time.monotonic()
+            self._saved_bytes = done
+            self.saver.request()
 
     def _save_due(self, done: int) -> bool:
         """Every 0.5 s, or every 1/64 of the file (at most 20 times a second): a process killed
@@ -778,21 +781,66 @@ class _HttpTransfer:
         step = self.total // _SAVE_FRACTION if self.total else _HASH_BLOCK
         return since >= _SAVE_MIN_GAP and done - self._saved_bytes >= step
 
-    def _save(self, done: int) -> None:
+    def _save(self) -> None:
         """Write the sidecar that vouches for the bytes held, after those bytes are on disk:
         after a power cut it never claims bytes that are zeros (the file is preallocated)."""
-        segments = [list(s) for s in self.segments]  # what was written before the sync below
-        _fdatasync(self.fd)
-        self._last_save = time.monotonic()
-        self._saved_bytes = done
-        self.partial.meta.update(
-            segments=segments,
-            size=self.total,
-            validator=self.validator,
-            source=self.remote.source,
-            url_host=host_of(self.url),
-        )
-        self.partial.save(durable=True)
+        with self.lock:
+            segments = [list(s) for s in self.segments]  # written before the sync below
+            _fdatasync(self.fd)
+            self._last_save = time.monotonic()
+            self.partial.meta.update(
+                segments=segments,
+                size=self.total,
+                validator=self.validator,
+                source=self.remote.source,
+                url_host=host_of(self.url),
+            )
+            self.partial.save(durable=True)
+
+
+class _Background:
+    """Runs `work` in a thread of its own whenever requested; requests made while it runs fold
+    into one more run."""
+
+    def __init__(self, work: Callable[[], None], name: str) -> None:
+        self.work = work
+        self.name = name
+        self.cond = threading.Condition()
+        self.pending = False
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+    def request(self) -> None:
+        with self.cond:
+            if self.stopped:
+                return
+            self.pending = True
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def stop(self) -> None:
+        """Finish a run in progress (a pending one is dropped) and end the thread."""
+        with self.cond:
+            self.stopped = True
+            self.pending = False
+            self.cond.notify()
+            thread = self.thread
+        if thread is not None:
+            thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.pending or self.stopped)
+                if self.stopped:
+                    return
+                self.pending = False
+            try:
+                self.work()
+            except Exception as exc:  # noqa: BLE001 - a lost sidecar costs only resumability
+                log.warning("could not record download progress: %s", exc)
 
 
 class _Cancelled(Exception):
