@@ -61,15 +61,8 @@ class ModelNotInstalledError(LlmlbError, LookupError):
 
 
 class ModelBusyError(LlmlbError):
-    """The model is being downloaded by another process (or thread): it cannot be removed now."""
-
-    def __init__(self, model_id: str, holder: str) -> None:
-        self.model_id = model_id
-        self.holder = holder
-        super().__init__(
-            f"model {model_id!r} is being downloaded by {holder}; wait for it to finish "
-            "(or stop it), then run rm again"
-        )
+    """The model is in use and cannot be removed now: another process or thread downloads it
+    (`rm`), or the node has requests in flight on it or is loading it."""
 
 
 class InsufficientDiskSpaceError(LlmlbError, OSError):

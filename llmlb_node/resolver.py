@@ -359,7 +359,7 @@ class ModelResolver:
         from filelock import FileLock, Timeout
 
         if (str(self.settings.models_dir), model_id) in _FLIGHTS:
-            raise ModelBusyError(model_id, f"this process (pid {os.getpid()})")
+            raise _busy(model_id, f"this process (pid {os.getpid()})")
         lock = None
         if self.store.meta_dir(model_id).is_dir():  # else no download ever started here
             lock = FileLock(
@@ -370,7 +370,7 @@ class ModelResolver:
             except Timeout:
                 data = read_status_file(self.store.status_path(model_id))
                 holder = f"pid {data.get('pid')} on {data.get('host')}" if data else "a process"
-                raise ModelBusyError(model_id, holder) from None
+                raise _busy(model_id, holder) from None
         try:
             _INSTALLED.pop((self._cache_key, model_id), None)
             return self.store.remove(model_id)
@@ -706,6 +706,13 @@ def _fallback_note(failures: list[SourceFailure]) -> str:
         return ""
     causes = "; ".join(f"{f.source} failed: [{f.kind}] {f.message}" for f in tried)
     return f" (after {causes})"
+
+
+def _busy(model_id: str, holder: str) -> ModelBusyError:
+    return ModelBusyError(
+        f"model {model_id!r} is being downloaded by {holder}; wait for it to finish "
+        "(or stop it), then run rm again"
+    )
 
 
 def _others_status(data: dict[str, Any] | None) -> dict[str, Any] | None:

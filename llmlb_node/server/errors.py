@@ -6,6 +6,7 @@ They join the library's tree under `LlmlbError`; `app.py` maps the whole tree to
 from __future__ import annotations
 
 from ..errors import LlmlbError
+from ..errors import ModelBusyError as ModelBusyError  # the library's, raised here too
 
 
 class InvalidRequestError(LlmlbError, ValueError):
@@ -42,10 +43,6 @@ class ModelLoadingError(LlmlbError):
 
 class GenerationCancelledError(LlmlbError):
     """The client went away; its generation stopped before the next token."""
-
-
-class ModelBusyError(LlmlbError):
-    """The model has requests in flight (or is loading or downloading): it cannot go now."""
 
 
 class ShuttingDownError(LlmlbError):
