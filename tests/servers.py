@@ -15,6 +15,7 @@ import re
 import secrets
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
@@ -130,6 +131,7 @@ class RecordedRequest:
     body: bytes = b""
     status: int | None = None  # status line sent back (None if nothing was sent)
     body_bytes: int = 0  # response body bytes actually written
+    scheme: str = "http"  # "https" when it arrived over TLS (see LoopbackServer.serve_tls)
 
     @property
     def authorization(self) -> str | None:
@@ -151,6 +153,12 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
 
     def setup(self) -> None:
+        tls = self.server.owner.tls
+        if tls is not None:
+            with contextlib.suppress(OSError):  # a failed handshake: the client sees it fail
+                if self.request.recv(1, socket.MSG_PEEK) == b"\x16":
+                    # A TLS ClientHello: this connection speaks https, the port's others may not.
+                    self.request = tls.wrap_socket(self.request, server_side=True)
         super().setup()
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -245,6 +253,7 @@ class LoopbackServer:
         self._rate: float | None = None
         self._ignore_range = False
         self._paths: dict[str, Blob] = {}
+        self.tls: ssl.SSLContext | None = None
         self.requests: list[RecordedRequest] = []
         self.bytes_sent = 0
         self.connections_opened = 0
@@ -268,6 +277,16 @@ class LoopbackServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def https_url(self) -> str:
+        """The same port over TLS (after `serve_tls`)."""
+        return f"https://{self.host}:{self.port}"
+
+    def serve_tls(self, context: ssl.SSLContext) -> None:
+        """Answer TLS connections too, on the same port: each connection's first byte decides,
+        so one server can be both https:// and http:// at one host and port."""
+        self.tls = context
 
     def __enter__(self: _S) -> _S:
         return self
@@ -462,6 +481,7 @@ class LoopbackServer:
             port=self.port,
             client=h.client_address,
             time=time.monotonic(),
+            scheme="https" if isinstance(h.connection, ssl.SSLSocket) else "http",
         )
         length = int(rec.headers.get("content-length") or 0)
         if length:

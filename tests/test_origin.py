@@ -184,6 +184,37 @@ def test_hf_token_goes_with_a_file_the_hub_serves_itself(
     assert gets and {r.authorization for r in gets} == {f"Bearer {TOKEN}"}
 
 
+def test_the_llmlb_key_never_follows_https_to_http_on_the_same_host_and_port(
+    world: World, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(LOCALHOST).configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # httpx trusts our CA
+    proxy = _Redirecting()  # https and http on one port; the blob 302s from https to http
+    proxy.serve_tls(context)
+    proxy.add_model("elsewhere", {FILENAME: world.content})
+    proxy.location = proxy.blob_url("elsewhere")  # http://127.0.0.1:<same port>/...
+    try:
+        monkeypatch.setenv("LLMLB_URL", proxy.https_url)
+        world.hub.refuse()
+
+        resolved = world.resolver().resolve(MODEL_ID)
+
+        assert resolved.path.read_bytes() == world.content
+        by_scheme = {(r.scheme, r.authorization) for r in proxy.requests}
+        assert ("https", "Bearer test-key") in by_scheme
+        assert ("http", None) in by_scheme
+        assert ("http", "Bearer test-key") not in by_scheme
+    finally:
+        proxy.close()
+
+
 def test_a_secret_never_crosses_a_scheme_downgrade(tmp_path: Path) -> None:
     # The secret belongs to https://127.0.0.1:<port>; the bytes are on http:// at the same
     # host and port. The downloader must fetch them without the header.
