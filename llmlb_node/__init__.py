@@ -20,6 +20,7 @@ from .errors import (  # noqa: E402
     ModelLoadError,
     ModelNotInstalledError,
     SourceFailure,
+    UnrunnableModelError,
     UnsupportedModelError,
 )
 from .lazy import LazyLlama  # noqa: E402
@@ -48,6 +49,7 @@ __all__ = [
     "ResolvedModel",
     "Settings",
     "SourceFailure",
+    "UnrunnableModelError",
     "UnsupportedModelError",
     "__version__",
     "load_catalog",

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import CatalogError, InvalidModelIdError, UnsupportedModelError
+from .errors import CatalogError, InvalidModelIdError, UnrunnableModelError, UnsupportedModelError
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -82,9 +82,20 @@ class ModelEntry:
     revision: str = "main"
     size_bytes: int | None = None
     required_memory_bytes: int | None = None
+    format: str = "gguf"
+    """llmlb's ``format`` (``gguf`` when the entry does not say)."""
+    engine: str = "llama_cpp"
+    """llmlb's ``engine`` (``llama_cpp`` when the entry does not say)."""
+    platforms: tuple[str, ...] = ()
+    """llmlb's ``platforms`` (``linux-cuda``, ``macos-metal``, ...); empty: not stated."""
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     origin: str = field(default="", compare=False)
     """The catalog file this entry was read from."""
+
+    @property
+    def runnable(self) -> bool:
+        """Whether this node can run it at all: a GGUF for the llama_cpp engine."""
+        return self.format == "gguf" and self.engine == "llama_cpp"
 
     @property
     def filename(self) -> str:
@@ -138,6 +149,13 @@ class Catalog:
     def find(self, model_id: str) -> ModelEntry | None:
         """The entry for `model_id`, or None."""
         return self._entries.get(model_id)
+
+    def runnable(self, model_id: str) -> ModelEntry:
+        """`get`, then `UnrunnableModelError` unless this node can run the entry."""
+        entry = self.get(model_id)
+        if not entry.runnable:
+            raise UnrunnableModelError(model_id, self.path, entry.format, entry.engine)
+        return entry
 
     def get(self, model_id: str) -> ModelEntry:
         """The entry for `model_id`, or `UnsupportedModelError` with up to three similar ids."""
@@ -314,9 +332,21 @@ def _parse_entry(raw: Any, index: int, path: str) -> ModelEntry:
         revision=revision,
         size_bytes=size_bytes,
         required_memory_bytes=required_memory,
+        format=(_optional_str(raw, "format", err) or "gguf").strip().lower(),
+        engine=(_optional_str(raw, "engine", err) or "llama_cpp").strip().lower(),
+        platforms=_platforms(raw, err),
         raw=raw,
         origin=path,
     )
+
+
+def _platforms(raw: dict, err: _EntryErrors) -> tuple[str, ...]:
+    value = raw.get("platforms")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise err("platforms", "must be a list of strings such as 'linux-cuda'")
+    return tuple(p.strip().lower() for p in value)
 
 
 def _parse_files(value: Any, err: _EntryErrors) -> tuple[ModelFile, ...]:

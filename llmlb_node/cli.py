@@ -28,7 +28,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .progress import LineProgress, ProgressEvent, TqdmProgress
-from .resolver import ModelResolver
+from .resolver import ModelInfo, ModelResolver
 from .settings import Settings
 from .units import human_bytes
 
@@ -165,19 +165,24 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- commands --------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
+    from .offload import node_platform
+
     resolver = ModelResolver()
     models = resolver.models()
     if args.json:
         print(json.dumps([m.to_dict() for m in models], indent=2))
         return EXIT_OK
+    here = node_platform()
     _table(
-        ["ID", "NAME", "SIZE", "INSTALLED", "CATALOG"],
+        ["ID", "NAME", "SIZE", "INSTALLED", "RUNNABLE", "ARCH", "CATALOG"],
         [
             [
                 m.id,
                 m.name,
                 _size(m.size_bytes),
                 "yes" if m.installed else "-",
+                _runnable_text(m, here),
+                m.architecture or "-",
                 _origin(m.catalog)
                 + (f" (overrides {', '.join(map(_origin, m.overrides))})" if m.overrides else ""),
             ]
@@ -185,7 +190,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         ],
     )
     print(f"\ncatalog: {resolver.catalog.path}\nstore:   {resolver.settings.models_dir}")
+    print(f"node:    {here} (this node runs GGUF models with llama.cpp)")
     return EXIT_OK
+
+
+def _runnable_text(model: ModelInfo, here: str) -> str:
+    if not model.runnable:
+        return f"no ({model.format}/{model.engine})"
+    if model.platforms and here not in model.platforms:
+        return f"yes (not listed for {here})"
+    return "yes"
 
 
 def _origin(path: str) -> str:
@@ -236,13 +250,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(data if args.model_id is None else data[0], indent=2))
         return EXIT_OK
     _table(
-        ["ID", "STATUS", "PROGRESS", "SIZE", "DETAIL"],
+        ["ID", "STATUS", "PROGRESS", "SIZE", "ARCH", "DETAIL"],
         [
             [
                 s.model_id,
                 s.status,
                 f"{s.progress:.0%}",
                 _size(s.total_bytes),
+                s.architecture or "-",
                 s.error_message or s.local_path or (s.source or ""),
             ]
             for s in statuses

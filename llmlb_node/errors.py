@@ -42,6 +42,24 @@ class UnsupportedModelError(LlmlbError, LookupError):
         )
 
 
+class UnrunnableModelError(UnsupportedModelError):
+    """The catalog defines the model, but not as a GGUF for llama.cpp (e.g. safetensors for
+    another engine): this node cannot run it, so nothing is downloaded."""
+
+    def __init__(self, model_id: str, catalog_path: str, model_format: str, engine: str) -> None:
+        self.model_id = model_id
+        self.catalog_path = catalog_path
+        self.suggestions = ()
+        self.format = model_format
+        self.engine = engine
+        LlmlbError.__init__(
+            self,
+            f"model {model_id!r} cannot run on this node: {catalog_path} lists it as format "
+            f"{model_format!r} for engine {engine!r}, and this node runs GGUF models with "
+            "llama.cpp (format 'gguf', engine 'llama_cpp'). Nothing was downloaded.",
+        )
+
+
 class InvalidModelIdError(UnsupportedModelError, ValueError):
     """The model id is not a valid id at all (path separators, '..', empty)."""
 

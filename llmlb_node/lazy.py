@@ -237,6 +237,44 @@ def _check_gpu_layers(value: object) -> None:
             raise ValueError(f"n_gpu_layers={value!r} must be an integer or 'auto'") from None
 
 
+# -- explaining a failed load ---------------------------------------------------------------------
+def _unknown_architecture(path: Path) -> str | None:
+    """The GGUF's ``general.architecture`` if the installed llama.cpp does not know it, else None.
+
+    llama.cpp keeps every architecture name it supports as a C string in its library; llama-cpp-
+    python only says "Failed to load model", so the name missing from the library is the proof.
+    """
+    from .resolver import architecture
+
+    arch = architecture(path)
+    if not arch:
+        return None
+    lib = _llama_library()
+    if lib is None:
+        return None
+    try:
+        data = lib.read_bytes()
+    except OSError:
+        return None
+    return None if arch.encode() + b"\0" in data else arch
+
+
+def _llama_library() -> Path | None:
+    spec = importlib.util.find_spec("llama_cpp")
+    for location in (spec.submodule_search_locations or ()) if spec else ():
+        for folder in (Path(location) / "lib", Path(location)):
+            found = sorted(folder.glob("*llama.*")) if folder.is_dir() else []
+            if found:
+                return found[0]
+    return None
+
+
+def _llama_cpp_version() -> str:
+    from .backend import installed_version
+
+    return installed_version() or "unknown version"
+
+
 # -- the lock -----------------------------------------------------------------------------------
 _TAKEN, _NESTED, _SKIPPED = 0, 1, 2
 
@@ -875,6 +913,14 @@ class LazyLlama:
                     with _QUIET_LOAD_LOCK:
                         llama = factory(model_path=str(resolved.path), **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
+            arch = _unknown_architecture(resolved.path)
+            if arch is not None:
+                raise ModelLoadError(
+                    f"llama.cpp could not load model {self._model_id!r} from {resolved.path}: "
+                    f"architecture {arch!r} is not supported by this llama.cpp build "
+                    f"(llama-cpp-python {_llama_cpp_version()}); a newer llama-cpp-python may "
+                    "support it (`pip install -U llama-cpp-python`)"
+                ) from exc
             raise ModelLoadError(
                 f"llama.cpp could not load model {self._model_id!r} from {resolved.path}: "
                 f"{exc} (offload plan: {plan})"

@@ -121,6 +121,8 @@ class ModelStatus:
     bytes_per_s: float = 0.0
     pid: int | None = None
     failures: tuple[dict[str, str], ...] = ()
+    architecture: str | None = None
+    """``general.architecture`` from the installed GGUF's header (e.g. ``gemma3``)."""
     """After a failed download: each source's ``{"source", "kind", "message"}``, in order."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,11 +147,20 @@ class ModelInfo:
     """The catalog file the entry comes from."""
     overrides: tuple[str, ...] = ()
     """Lower catalog layers whose entry for the same id this one replaces."""
+    runnable: bool = True
+    """Whether this node can run it: a GGUF (`format`) for llama.cpp (`engine`)."""
+    format: str = "gguf"
+    engine: str = "llama_cpp"
+    platforms: tuple[str, ...] = ()
+    """The platforms the catalog lists it for (``linux-cuda``, ...); empty: not stated."""
+    architecture: str | None = None
+    """``general.architecture`` of the installed GGUF, or None."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``json.dumps([m.to_dict() for m in resolver.models()])``."""
         data = asdict(self)
         data["overrides"] = list(self.overrides)
+        data["platforms"] = list(self.platforms)
         return data
 
 
@@ -197,6 +208,34 @@ def _shared_catalog(paths: tuple[Path, ...]) -> Catalog:
     return catalog
 
 
+def architecture(path: Path) -> str | None:
+    """``general.architecture`` from a GGUF's header (a read of its first kilobytes), or None."""
+    from .gguf import GGUFError, read_header
+
+    try:
+        return read_header(path, tensors=False).architecture
+    except (OSError, GGUFError):
+        return None
+
+
+def _warn_other_platform(entry: ModelEntry) -> None:
+    """One warning when the entry does not list this node's platform (installed anyway: none of
+    llmlb's own entries lists a CPU platform, and a model may well run here)."""
+    if not entry.platforms:
+        return
+    from .offload import node_platform
+
+    here = node_platform()
+    if here not in entry.platforms:
+        log.warning(
+            "%s: the catalog lists it for %s, not for this node (%s); installing it anyway: "
+            "it may run slowly or not fit in memory here",
+            entry.id,
+            ", ".join(entry.platforms),
+            here,
+        )
+
+
 def _slots(n: int) -> threading.BoundedSemaphore:
     global _SLOTS
     with _FLIGHTS_LOCK:
@@ -242,7 +281,8 @@ class ModelResolver:
         found = self.installed(model_id)
         if found is not None:
             return found
-        entry = self.catalog.get(model_id)  # UnsupportedModelError, before any network
+        # UnsupportedModelError (UnrunnableModelError for a non-GGUF), before any network
+        entry = self.catalog.runnable(model_id)
         key = (str(self.settings.models_dir), model_id)
         with _FLIGHTS_LOCK:
             flight = _FLIGHTS.get(key)
@@ -297,6 +337,11 @@ class ModelResolver:
                     path=str(found.path) if found else None,
                     catalog=entry.origin,
                     overrides=tuple(self.catalog.overridden.get(entry.id, ())),
+                    runnable=entry.runnable,
+                    format=entry.format,
+                    engine=entry.engine,
+                    platforms=entry.platforms,
+                    architecture=architecture(found.path) if found else None,
                 )
             )
         return infos
@@ -324,6 +369,8 @@ class ModelResolver:
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id, str(self.settings.catalog_path))
         entry = self.catalog.find(model_id)
+        if entry is not None and not entry.runnable:
+            return None  # whatever lies on disk for it, this node cannot run it
         record = self.store.lookup(model_id, entry) or self.store.adopt_manual(model_id, entry)
         if record is None:
             return None
@@ -338,7 +385,9 @@ class ModelResolver:
         """The installed main file; `ModelNotInstalledError` if it is not installed."""
         found = self.installed(model_id)
         if found is None:
-            if model_id not in self.catalog:
+            if model_id in self.catalog:
+                self.catalog.runnable(model_id)  # UnrunnableModelError for a non-GGUF entry
+            else:
                 self.catalog.get(model_id)  # raises UnsupportedModelError with suggestions
             damage = self.store.damage(model_id)
             state = f"is damaged ({damage})" if damage else "is not installed"
@@ -436,6 +485,7 @@ class ModelResolver:
         monitor.stage("failed", message=message)
 
     def _download(self, entry: ModelEntry, monitor: Monitor) -> ResolvedModel:
+        _warn_other_platform(entry)
         slots = _slots(self.settings.max_concurrent_downloads)
         if not slots.acquire(blocking=False):
             monitor.stage("waiting", message="queued behind other downloads")
@@ -666,6 +716,7 @@ class ModelResolver:
                 size,
                 str(found.path),
                 source=data.get("source") if data else "local",
+                architecture=architecture(found.path),
             )
         damage = self.store.damage(model_id)
         if damage is not None:

@@ -23,7 +23,12 @@ from llmlb_node.catalog import (
     load_catalogs,
     parse_catalog,
 )
-from llmlb_node.errors import CatalogError, InvalidModelIdError, UnsupportedModelError
+from llmlb_node.errors import (
+    CatalogError,
+    InvalidModelIdError,
+    UnrunnableModelError,
+    UnsupportedModelError,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llmlb_supported_models.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -575,3 +580,38 @@ def test_the_readme_s_chat_example_uses_an_instruct_model_of_the_catalog() -> No
     # The demo is the base model, and the README says so where it introduces it.
     assert "instruct" not in catalog.get("gemma-3-270m").name.lower()
     assert "It is the **base** model" in readme
+
+
+XLLM = Path(__file__).parent / "fixtures" / "xllm_supported_models.json"
+
+
+def test_llmlbs_last_public_catalog_loads_unchanged_and_marks_what_runs_here() -> None:
+    raw = json.loads(XLLM.read_text())
+    catalog = load_catalog(XLLM)
+    assert len(raw) == len(catalog) == 24
+    assert catalog.ids == [e["id"] for e in raw]
+    for entry, source in zip(catalog, raw, strict=True):
+        assert entry.raw == source
+        assert (entry.format, entry.engine) == (source["format"], source["engine"])
+        assert entry.platforms == tuple(source["platforms"])
+    refused = [e.id for e in catalog if not e.runnable]
+    assert refused == ["gpt-oss-20b", "gpt-oss-120b"]
+    assert not any("linux-cpu" in e.platforms for e in catalog)  # none is hidden for that
+    assert catalog.runnable("qwen3").filename == "Qwen_Qwen3-0.6B-Q4_K_M.gguf"
+    with pytest.raises(UnrunnableModelError) as info:
+        catalog.runnable("gpt-oss-20b")
+    assert isinstance(info.value, UnsupportedModelError)  # exit code 3, like an unknown id
+    assert (info.value.format, info.value.engine) == ("safetensors", "gptoss_cpp")
+    assert "this node runs GGUF models with llama.cpp" in str(info.value)
+
+
+def test_format_engine_and_platforms_default_and_validate() -> None:
+    plain = parse_catalog([_entry()]).get("m")
+    assert (plain.format, plain.engine, plain.platforms, plain.runnable) == (
+        "gguf",
+        "llama_cpp",
+        (),
+        True,
+    )
+    with pytest.raises(CatalogError, match="'platforms'"):
+        parse_catalog([_entry(platforms="linux-cuda")])

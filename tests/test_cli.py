@@ -64,18 +64,26 @@ def test_models_lists_ids_names_sizes_and_installed_state(world: World) -> None:
     assert before.returncode == 0, before.stderr
     rows = before.stdout.splitlines()
     cat = str(world.catalog_path)
-    assert rows[0].split() == ["ID", "NAME", "SIZE", "INSTALLED", "CATALOG"]
-    assert rows[1].split() == ["tiny", "Tiny", "293.0", "KiB", "-", cat]
-    assert rows[2].split() == ["other", "Other", "2.4", "MiB", "-", cat]
+    assert rows[0].split() == ["ID", "NAME", "SIZE", "INSTALLED", "RUNNABLE", "ARCH", "CATALOG"]
+    assert rows[1].split() == ["tiny", "Tiny", "293.0", "KiB", "-", "yes", "-", cat]
+    assert rows[2].split() == ["other", "Other", "2.4", "MiB", "-", "yes", "-", cat]
     assert f"catalog: {world.catalog_path}" in before.stdout
     assert f"store:   {world.models_dir}" in before.stdout
 
     path = _installed(world)
     after = cli("models")
-    assert after.stdout.splitlines()[1].split() == ["tiny", "Tiny", "293.0", "KiB", "yes", cat]
-    assert after.stdout.splitlines()[2].split()[-2] == "-"
+    row = after.stdout.splitlines()[1].split()
+    assert row == ["tiny", "Tiny", "293.0", "KiB", "yes", "yes", "-", cat]  # no architecture key
+    assert after.stdout.splitlines()[2].split()[4] == "-"
 
     data = json.loads(cli("models", "--json").stdout)
+    common = {
+        "runnable": True,
+        "format": "gguf",
+        "engine": "llama_cpp",
+        "platforms": ["linux-cpu"],
+        "architecture": None,
+    }
     assert data == [
         {
             "id": "tiny",
@@ -85,6 +93,7 @@ def test_models_lists_ids_names_sizes_and_installed_state(world: World) -> None:
             "path": str(path),
             "catalog": cat,
             "overrides": [],
+            **common,
         },
         {
             "id": "other",
@@ -94,6 +103,7 @@ def test_models_lists_ids_names_sizes_and_installed_state(world: World) -> None:
             "path": None,
             "catalog": cat,
             "overrides": [],
+            **common,
         },
     ]
     assert world.requests() == 0  # listing never touches the network
@@ -104,6 +114,51 @@ def test_models_with_a_broken_catalog_says_where(world: World) -> None:
     done = cli("models")
     assert done.returncode == 1
     assert str(world.catalog_path) in done.stderr and "'repo'" in done.stderr
+
+
+# -- only what this node can run ---------------------------------------------------------------
+XLLM_CATALOG = Path(__file__).parent / "fixtures" / "xllm_supported_models.json"
+
+
+def _xllm_entry(model_id: str) -> dict:
+    return next(e for e in json.loads(XLLM_CATALOG.read_text()) if e["id"] == model_id)
+
+
+def test_a_non_gguf_entry_is_refused_before_any_network(world: World) -> None:
+    oss = _xllm_entry("gpt-oss-20b")  # safetensors for gptoss_cpp, as llmlb lists it
+    world.write_catalog([*world.entries, oss])
+    for offline in ("0", "1"):
+        for command in (("pull", "gpt-oss-20b"), ("path", "gpt-oss-20b")):
+            done = cli(*command, env={"HF_HUB_OFFLINE": offline})
+            assert done.returncode == 3, done.stderr
+            assert "runs GGUF models with llama.cpp" in done.stderr
+            assert "'safetensors'" in done.stderr and "'gptoss_cpp'" in done.stderr
+    assert world.requests() == 0
+    assert not (world.models_dir / "gpt-oss-20b").exists()
+
+    rows = {r["id"]: r for r in json.loads(cli("models", "--json").stdout)}
+    assert rows["gpt-oss-20b"]["runnable"] is False and rows["tiny"]["runnable"] is True
+    assert rows["gpt-oss-20b"]["installed"] is False
+    table = cli("models").stdout
+    assert "no (safetensors/gptoss_cpp)" in table
+    status = json.loads(cli("status", "gpt-oss-20b", "--json").stdout)
+    assert status["status"] == "missing"
+
+
+def test_an_entry_for_other_platforms_installs_with_one_warning(world: World) -> None:
+    world.entry()["platforms"] = ["macos-metal", "windows-directml", "linux-cuda"]
+    world.write_catalog()
+    done = cli("pull", MODEL_ID)
+    assert done.returncode == 0, done.stderr
+    warnings = [
+        line for line in done.stderr.splitlines() if "WARNING" in line or "lists it" in line
+    ]
+    assert len(warnings) == 1, done.stderr
+    assert "macos-metal, windows-directml, linux-cuda" in warnings[0]
+    assert "linux-cpu" in warnings[0]  # this node: a CPU build of llama.cpp on Linux
+    assert world.installed_path().exists()
+    listed = [line for line in cli("models").stdout.splitlines() if line.startswith("tiny ")]
+    assert "yes (not listed for linux-cpu)" in listed[0]
 
 
 # -- pull ------------------------------------------------------------------------------------

@@ -829,3 +829,41 @@ def test_kwargs_check_matches_the_installed_llama_signature() -> None:
     assert lazy._llama_params() == real
     for name in real:
         LazyLlama(MODEL, **{name: None})  # every keyword the installed Llama takes is accepted
+
+
+# -- architectures ---------------------------------------------------------------------------------
+def _gguf_with_architecture(arch: str) -> bytes:
+    """A structurally whole GGUF (no tensors) naming `arch` as its architecture."""
+    import struct
+
+    def text(value: str) -> bytes:
+        return struct.pack("<Q", len(value.encode())) + value.encode()
+
+    kv = text("general.architecture") + struct.pack("<I", 8) + text(arch)
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + kv
+
+
+def test_an_architecture_llama_cpp_does_not_know_is_named(tmp_path: Path) -> None:
+    settings = Settings.from_env(env={"LLMLB_HOME": str(tmp_path), **OFFLINE_ENV})
+    path = settings.models_dir / "alien-model" / "model.gguf"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_gguf_with_architecture("nonexistent-arch"))
+    with ModelResolver(settings) as resolver:
+        assert resolver.status("alien-model").architecture == "nonexistent-arch"
+        llm = LazyLlama("alien-model", resolver=resolver, **LLAMA_KW)
+        with pytest.raises(ModelLoadError) as info:
+            llm.load()
+    version = llama_cpp.__version__
+    assert (
+        "architecture 'nonexistent-arch' is not supported by this llama.cpp build "
+        f"(llama-cpp-python {version})"
+    ) in str(info.value)
+    assert lazy._unknown_architecture(path) == "nonexistent-arch"
+
+
+def test_status_reports_the_architecture_of_the_installed_gguf(
+    store: Store, resolver: ModelResolver
+) -> None:
+    status = resolver.status(MODEL)
+    assert status.status in ("local", "completed") and status.architecture == "gemma3"
+    assert lazy._unknown_architecture(store.resolved.path) is None  # gemma3 is built in

@@ -33,6 +33,7 @@ __all__ = [
     "detect_devices",
     "estimate_memory",
     "gpu_offload_supported",
+    "node_platform",
     "plan_for_model",
     "plan_offload",
     "rebuild_hint",
@@ -132,6 +133,17 @@ def built_backends() -> tuple[str, ...]:
                 if match and match.group(1) in _LIB_BACKENDS:
                     found.add(_LIB_BACKENDS[match.group(1)])
     return tuple(sorted(found, key=lambda b: (_PRIORITY + ("blas", "opencl")).index(b)))
+
+
+_SYSTEMS = {"Linux": "linux", "Darwin": "macos", "Windows": "windows"}
+
+
+def node_platform() -> str:
+    """This node's platform as llmlb's catalog spells it: ``<os>-<llama.cpp GPU backend>``
+    (``linux-cuda``, ``macos-metal``, ``windows-vulkan``, ...), ``<os>-cpu`` for a CPU build."""
+    system = platform.system()
+    gpu = [b for b in built_backends() if b in _PRIORITY]
+    return f"{_SYSTEMS.get(system, system.lower())}-{gpu[0] if gpu else 'cpu'}"
 
 
 def detect_devices(env: Mapping[str, str] | None = None) -> tuple[GpuDevice, ...]:

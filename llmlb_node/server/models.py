@@ -16,9 +16,7 @@ _SOURCE_BY_FORMAT = {"gguf": "hf_gguf", "safetensors": "hf_safetensors", "onnx":
 
 def runnable(entry: ModelEntry) -> bool:
     """True when llama.cpp can run the entry (GGUF for the llama_cpp engine, or unstated)."""
-    fmt = str(entry.raw.get("format") or "gguf").lower()
-    engine = str(entry.raw.get("engine") or "llama_cpp").lower()
-    return fmt == "gguf" and engine == "llama_cpp"
+    return entry.runnable
 
 
 def model_ids(pool: ModelPool) -> list[str]:
