@@ -124,7 +124,8 @@ def format_report(report: dict[str, Any]) -> str:
         status = f"{version} (not importable: {llama.get('error')})"
     lines.append(("llama-cpp-python", status))
     lines.append(("gpu offload", "yes" if llama.get("supports_gpu_offload") else "no"))
-    lines.append(("llama.cpp backends", ", ".join(["cpu", *llama.get("backends", [])])))
+    backends = llama.get("backends") or []
+    lines.append(("llama.cpp backends", ", ".join(backends) or "none (no llama-cpp-python)"))
     if llama.get("system_info"):
         lines.append(("llama.cpp system info", str(llama["system_info"])))
 
@@ -171,8 +172,10 @@ def _llama_cpp_info() -> dict[str, Any]:
         "error": None,
         "system_info": None,
         "supports_gpu_offload": False,
-        "backends": list(offload.built_backends()),
+        "backends": [],
     }
+    if info["version"] is not None:  # every build has the CPU backend, plus the compiled GPU ones
+        info["backends"] = ["cpu", *offload.built_backends()]
     try:
         import llama_cpp
     except Exception as exc:  # ImportError, or OSError from a broken shared library
@@ -180,6 +183,7 @@ def _llama_cpp_info() -> dict[str, Any]:
         return info
     info["importable"] = True
     info["version"] = info["version"] or getattr(llama_cpp, "__version__", None)
+    info["backends"] = info["backends"] or ["cpu", *offload.built_backends()]
     try:
         raw = llama_cpp.llama_print_system_info()
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)

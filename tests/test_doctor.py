@@ -71,6 +71,9 @@ def test_real_report(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fields["gpus"] == "none detected"
     assert fields["plan"] == plan["summary"]
     assert fields["backend"] == "cpu"
+    # The text and the JSON list the same backends (every build has the CPU one).
+    assert llama["backends"] == ["cpu"]
+    assert fields["llama.cpp backends"] == ", ".join(llama["backends"])
 
 
 def test_report_without_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
