@@ -898,7 +898,7 @@ class LazyLlama:
             # The catalog knows the template for models whose GGUF carries none.
             kwargs["chat_format"] = chat_format
         factory = self._factory()
-        from .llamacpp import native_log_to_stderr, route_native_log
+        from .llamacpp import native_errors, native_log_to_stderr, route_native_log
 
         if "llama_cpp" in sys.modules:  # also for a llama_factory of the caller's
             route_native_log(sys.modules["llama_cpp"])
@@ -913,6 +913,7 @@ class LazyLlama:
                     with _QUIET_LOAD_LOCK:
                         llama = factory(model_path=str(resolved.path), **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
+            why = native_errors()
             arch = _unknown_architecture(resolved.path)
             if arch is not None:
                 raise ModelLoadError(
@@ -923,7 +924,7 @@ class LazyLlama:
                 ) from exc
             raise ModelLoadError(
                 f"llama.cpp could not load model {self._model_id!r} from {resolved.path}: "
-                f"{exc} (offload plan: {plan})"
+                f"{exc}{f' ({why})' if why else ''} (offload plan: {plan})"
             ) from exc
         log.info(
             "%s: loaded in %.2fs (%s)",

@@ -4,6 +4,7 @@ through `logging`, and check command-line keyword arguments against `Llama.__ini
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import inspect
@@ -56,6 +57,7 @@ class _NativeLog:
         self.pending = ""
         self.level = logging.DEBUG
         self.verbose_loads = 0
+        self.errors: collections.deque[str] = collections.deque(maxlen=3)
         self.callback: Any = None  # the ctypes function: kept referenced while llama.cpp uses it
 
     def __call__(self, level: int, text: bytes | None, user_data: object) -> None:
@@ -75,11 +77,21 @@ class _NativeLog:
             for line in lines:
                 if line.strip():
                     native_log.debug("%s", line, extra={"llama_cpp_level": level_seen})
+                    if level_seen >= logging.ERROR:
+                        self.errors.append(line.strip())
         except Exception:  # noqa: BLE001 - an exception must never cross into C
             pass
 
 
 _NATIVE = _NativeLog()
+
+
+def native_errors() -> str:
+    """llama.cpp's last error lines (say why a load failed), joined; cleared once read."""
+    with _NATIVE.lock:
+        lines = list(_NATIVE.errors)
+        _NATIVE.errors.clear()
+    return "; ".join(lines)
 
 
 def route_native_log(llama_cpp: ModuleType) -> None:
@@ -136,8 +148,45 @@ def llama_options(texts: Sequence[str], llama_class: Any) -> dict[str, Any]:
         annotation = params[key].annotation
         if key == "n_gpu_layers":
             annotation = "Union[int, Literal['auto']]"
+        if key in _KV_TYPE_PARAMS:
+            options[key] = _kv_cache_type(key, raw.strip(), llama_class)
+            continue
         options[key] = _convert(key, raw.strip(), annotation)
+        if key in _PATH_PARAMS and options[key] is not None:
+            _check_file(key, options[key])
     return options
+
+
+# Values that llama.cpp does not check itself: a wrong one aborts or crashes the process.
+_PATH_PARAMS = ("lora_path", "lora_base")
+_KV_TYPE_PARAMS = ("type_k", "type_v")
+_KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+"""The KV cache types llama.cpp's own command line accepts."""
+
+
+def _check_file(key: str, value: Any) -> None:
+    import os
+
+    if not isinstance(value, str) or not os.path.isfile(os.path.expanduser(value)):
+        raise ValueError(f"-o {key}={value!r}: no such file")
+
+
+def _kv_cache_type(key: str, raw: str, llama_class: Any) -> int | None:
+    """`type_k` / `type_v` by name (``q8_0``) or ggml number, among the KV cache types."""
+    module = sys.modules.get(llama_class.__module__.split(".")[0])
+    known = {
+        name: getattr(module, f"GGML_TYPE_{name.upper()}")
+        for name in _KV_CACHE_TYPES
+        if hasattr(module, f"GGML_TYPE_{name.upper()}")
+    }
+    if raw.lower() in ("none", "null"):
+        return None
+    if raw.lower() in known:
+        return int(known[raw.lower()])
+    with contextlib.suppress(ValueError):
+        if int(raw) in known.values():
+            return int(raw)
+    raise ValueError(f"-o {key}={raw!r}: expected a KV cache type: {', '.join(known)}")
 
 
 def _unknown(key: str, params: dict[str, Any]) -> str:

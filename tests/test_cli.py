@@ -629,6 +629,9 @@ def test_run_checks_every_option_before_any_request(world: World) -> None:
         ("chat_handler=x", "cannot be given on the command line"),
         ("n_gpu_layers=most", "an integer or 'auto'"),
         ("model_path=/tmp/x.gguf", "the model id chooses the file"),
+        # llama.cpp would abort or crash on these: checked here instead.
+        ("type_k=999", "expected a KV cache type: f32, f16"),
+        ("lora_path=/no/such/lora.gguf", "no such file"),
         ("n_ctx", "-o expects KEY=VALUE"),
     ]:
         done = cli("run", MODEL_ID, "Hi", "-o", option)

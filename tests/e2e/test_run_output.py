@@ -100,3 +100,12 @@ def test_aload_keeps_the_event_loop_ticking(installed: GemmaWorld) -> None:
         assert llm("The capital of France is", max_tokens=4)["choices"][0]["text"]
     finally:
         llm.close()
+
+
+def test_a_load_failure_says_what_llama_cpp_said(installed: GemmaWorld) -> None:
+    done = _cli(installed, "run", GEMMA_ID, PROMPT, "-o", "n_ctx=256", "-o", "type_v=q8_0")
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"error: llama.cpp could not load model '{GEMMA_ID}'")
+    assert "quantized V cache requires flash_attn" in line  # llama.cpp's own reason
+    assert "Traceback" not in done.stderr
