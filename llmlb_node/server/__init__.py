@@ -11,17 +11,20 @@ __all__ = ["ServerSettings", "serve"]
 
 
 def serve(settings: ServerSettings) -> None:
-    """Run the node in the foreground until SIGINT/SIGTERM (uvicorn's signal handling)."""
+    """Run the node in the foreground until SIGTERM or SIGINT, then shut down cleanly."""
     import uvicorn
 
     from .app import create_app
+    from .shutdown import BACKSTOP, NodeServer
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level="info",
         access_log=False,  # ours (llmlb_node.server.access) names the model and the tokens
         lifespan="on",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.shutdown_grace + BACKSTOP),
     )
+    NodeServer(config, app.state.shutdown).run()

@@ -31,7 +31,7 @@ from ..errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from . import blob, inference, lb, management, metrics, models, openai
+from . import blob, inference, lb, management, metrics, models, openai, shutdown
 from .errors import (
     ContextLengthExceededError,
     GenerationCancelledError,
@@ -312,12 +312,15 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
     """The node's ASGI app; its lifespan creates the model pool (or uses `pool`)."""
     settings = settings or ServerSettings.from_env()
     node_metrics = metrics.NodeMetrics()
+    stopping = shutdown.Shutdown(settings.shutdown_grace)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         own = pool or ModelPool(settings)
         node_metrics.watch(own)
+        stopping.attach(own)
         await asyncio.to_thread(lambda: own.resolver.catalog)  # parse it once, off the loop
+        await management.resume_interrupted(own)
         hardware = lb.Hardware()
         hardware.start()
         feeds = blob.Feeds(own.resolver)
@@ -330,17 +333,21 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
                 "feeds": feeds,
             }
         finally:
+            stopping.expire()  # downloads stop now, resumably
             await feeds.close()
             await hardware.stop()
             await own.close()
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={LlmlbError: on_error, HTTPException: on_http_error},
         middleware=[
             Middleware(metrics.RequestMetrics, metrics=node_metrics, routes=routes),
             Middleware(AccessLog),
+            Middleware(shutdown.EndAtDeadline, shutdown=stopping),
             Middleware(BearerAuth, api_key=settings.api_key),
         ],
         lifespan=lifespan,
     )
+    app.state.shutdown = stopping  # `serve` hands it the signals
+    return app

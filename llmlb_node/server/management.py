@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -19,6 +20,8 @@ from ..progress import ProgressEvent
 from .errors import DownloadInterrupted, InvalidRequestError, ShuttingDownError
 from .openai import parse_json
 from .pool import ModelPool, SlotInfo
+
+log = logging.getLogger(__name__)
 
 PULL_LINE_GAP = 0.2
 """Seconds between two NDJSON progress lines at least (at most 5 lines a second)."""
@@ -185,6 +188,39 @@ def _final_line(job: PullJob) -> dict[str, Any]:
     from .app import error_payload  # app.py imports this module for its route table
 
     return error_payload(error)[1]
+
+
+async def resume_interrupted(pool: ModelPool) -> list[str]:
+    """Resume, in the background, every catalog model whose download was interrupted (a
+    shutdown, a crash): the seed's "a download interrupted by a restart is retried on the next
+    start". Returns their ids."""
+    ids = await asyncio.to_thread(_interrupted_ids, pool)
+    for model_id in ids:
+        log.info("%s: resuming the download interrupted by the last stop", model_id)
+        thread = threading.Thread(
+            target=_resume, args=(pool, model_id), name=f"llmlb-resume-{model_id}", daemon=True
+        )
+        thread.start()
+    return ids
+
+
+def _interrupted_ids(pool: ModelPool) -> list[str]:
+    catalog = pool.resolver.catalog
+    statuses = pool.resolver.status()
+    assert isinstance(statuses, list)
+    return [s.model_id for s in statuses if s.status == "interrupted" and s.model_id in catalog]
+
+
+def _resume(pool: ModelPool, model_id: str) -> None:
+    try:
+        resolved = pool.resolver.resolve(model_id, progress=pool.progress_hook())
+    except DownloadInterrupted:
+        return
+    except Exception as exc:  # noqa: BLE001 - nobody waits on it: the status route shows it
+        log.warning("%s: resuming the interrupted download failed: %s", model_id, exc)
+        pool.observer.resolved(model_id, "failed")
+    else:
+        pool.observer.resolved(model_id, "local" if resolved.source == "local" else "downloaded")
 
 
 # -- tags and ps -------------------------------------------------------------------------------

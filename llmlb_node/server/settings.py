@@ -47,6 +47,8 @@ class ServerSettings:
     failure_ttl: float = 10.0
     """Seconds a failed download or load is answered from memory before the next retry."""
     n_ctx: int = 4096
+    shutdown_grace: float = 30.0
+    """Seconds requests in flight get to finish after SIGTERM/SIGINT."""
     heartbeat: float = 4.0
     """Seconds between SSE comment lines while a streaming request waits."""
 
@@ -65,6 +67,7 @@ class ServerSettings:
             "load_wait": _seconds(env, "LLMLB_LOAD_WAIT", 300.0),
             "failure_ttl": _seconds(env, "LLMLB_RETRY_FAILED_AFTER", 10.0),
             "n_ctx": _int(env, "LLMLB_N_CTX", 4096, minimum=0),
+            "shutdown_grace": _seconds(env, "LLMLB_SHUTDOWN_GRACE", 30.0),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
