@@ -131,7 +131,7 @@ class Downloader:
         try:
             _declared_size(remote, file)
             if remote.parts:
-                size, digest = self._copy_parts(remote, partial, progress)
+                size, digest, header = self._copy_parts(remote, partial, file, progress)
             else:
                 transfer = _HttpTransfer(self, remote, partial, file, progress)
                 size, digest = transfer.run()
@@ -195,28 +195,33 @@ class Downloader:
 
     # -- local parts (python-package) -----------------------------------------------------
     def _copy_parts(
-        self, remote: Remote, partial: Partial, progress: ProgressFn
-    ) -> tuple[int, str]:
+        self, remote: Remote, partial: Partial, file: ModelFile, progress: ProgressFn
+    ) -> tuple[int, str, GGUFHeader | None]:
         hasher = hashlib.sha256()
         done = 0
         total = remote.size
         buf = bytearray(_HASH_BLOCK)
         view = memoryview(buf)
-        with open(partial.path, "wb") as out:
-            for part in remote.parts:
-                with open(part, "rb", buffering=0) as src:
-                    while n := src.readinto(buf):
-                        chunk = view[:n]
-                        hasher.update(chunk)
-                        out.write(chunk)
-                        out.flush()
-                        _start_writeback(out.fileno(), done, n)
-                        done += n
-                        partial.verified = done
-                        progress(done, total)
-            out.flush()
-            os.fsync(out.fileno())
-        return done, hasher.hexdigest()
+        with open(partial.path, "w+b") as out:  # readable too: the header probe reads it
+            probe = _HeaderProbe(out.fileno(), enabled=_is_gguf_name(file.filename))
+            try:
+                for part in remote.parts:
+                    with open(part, "rb", buffering=0) as src:
+                        while n := src.readinto(buf):
+                            chunk = view[:n]
+                            hasher.update(chunk)
+                            out.write(chunk)
+                            out.flush()
+                            _start_writeback(out.fileno(), done, n)
+                            done += n
+                            partial.verified = done
+                            probe.offer(done)
+                            progress(done, total)
+                out.flush()
+                os.fsync(out.fileno())
+            finally:
+                header = probe.result()  # never close the file under a parse
+        return done, hasher.hexdigest(), header
 
 
 def verify_gguf(

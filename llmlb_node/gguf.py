@@ -132,10 +132,10 @@ def read_header(path: str | os.PathLike[str], *, tensors: bool = True) -> GGUFHe
 
 def read_header_prefix(fd: int, available: int) -> GGUFHeader | None:
     """The header of a GGUF still being written to `fd`, if its first `available` bytes (all
-    that is written so far) hold the whole header; else None. Never raises `GGUFError`."""
+    that is written so far) hold the whole header; else None (also when it cannot be read)."""
     try:
         return _Parser(fd, limit=available).parse(tensors=True)
-    except GGUFError:
+    except (GGUFError, OSError):
         return None
 
 

@@ -389,3 +389,29 @@ def test_manual_adoption_needs_a_whole_gguf(world: World, damage: str) -> None:
 
     manual.write_bytes(whole)
     assert world.resolver().installed("byhand") is not None
+
+
+def test_a_large_truncated_gguf_is_caught_by_the_header_parsed_during_the_transfer(
+    world: World, serve: Callable[..., ScriptedServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llmlb_node.download as download
+
+    content = make_gguf(24 * 1024 * 1024, seed=45)
+    headers_seen: list[bool] = []
+    real = download.verify_gguf
+
+    def verify(path: Any, filename: str, header: Any = None) -> Any:
+        headers_seen.append(header is not None)
+        return real(path, filename, header)
+
+    monkeypatch.setattr(download, "verify_gguf", verify)
+    server = serve(lambda rec: Reply(200, {}, content, cut=20 * 1024 * 1024))
+    _as_url(world, server, "big", "big.gguf")
+
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("big")
+
+    failure = info.value.failures[0]
+    assert failure.kind == "integrity" and "truncated" in failure.message
+    assert str(len(content)) in failure.message and str(20 * 1024 * 1024) in failure.message
+    assert headers_seen == [True]  # parsed while the bytes arrived: the end check is a stat
