@@ -258,12 +258,18 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{s.progress:.0%}",
                 _size(s.total_bytes),
                 s.architecture or "-",
-                s.error_message or s.local_path or (s.source or ""),
+                _detail(s),
             ]
             for s in statuses
         ],
     )
     return EXIT_OK
+
+
+def _detail(status: Any) -> str:
+    if status.status == "interrupted":
+        return f"stopped at {_size(status.downloaded_bytes)}; `llmlb-node pull` resumes it"
+    return status.error_message or status.local_path or (status.source or "")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -783,6 +783,8 @@ def test_ctrl_c_mid_download_is_one_line_exit_130_and_resumes(
     status = json.loads(cli("status", "big", "--json").stdout)
     assert status["status"] == "interrupted" and status["error_message"] is None
     assert status["downloaded_bytes"] >= size // 8
+    row = cli("status", "big").stdout.splitlines()[1]
+    assert row.split()[1] == "interrupted" and "`llmlb-node pull` resumes it" in row
 
     world.hub.cdn.rate_limit(None)
     world.hub.reset_counters()
