@@ -5,6 +5,7 @@ Times only the call under test (after imports) and prints one JSON object as its
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -283,11 +284,18 @@ def task_download(a: dict[str, Any]) -> dict[str, Any]:
 
         resolver = ModelResolver(Settings.from_env(**a.get("overrides", {})))
         stages: dict[str, float] = {}
+        checks = _time_gguf_checks(out)
+        kill_at = a.get("kill_at")  # a fraction of the file: SIGKILL ourselves once it is held
 
         def progress(event: Any) -> None:
             now = time.perf_counter()
             stages.setdefault(event.stage, now)
             stages["last_" + event.stage] = now
+            if kill_at and event.total and event.downloaded >= kill_at * event.total:
+                # The parent reads how far it got from this line (stdout is a pipe: flush).
+                sys.stdout.write(json.dumps({"killed_at": event.downloaded}) + "\n")
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
 
         mem = Memory()
         with prof.region():
@@ -296,6 +304,7 @@ def task_download(a: dict[str, Any]) -> dict[str, Any]:
             elapsed = time.perf_counter() - t
         out["memory"] = mem.result()
         out["stages"] = {k: v - t for k, v in stages.items()}
+        out["gguf_checks"] = checks
         out["source"] = resolved.source
         path = str(resolved.path)
         resolver.close()
@@ -344,6 +353,37 @@ def task_download(a: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown contender {contender!r}")
     out.update(elapsed_s=elapsed, path=path, size=os.path.getsize(path))
     return out
+
+
+def _time_gguf_checks(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """Time each structural GGUF check the install makes at its end (and whether its header was
+    already parsed while the bytes arrived)."""
+    import llmlb_node.download as download
+
+    checks: list[dict[str, Any]] = []
+    real = download.verify_gguf
+
+    def verify(path: Any, filename: str, header: Any = None) -> Any:
+        t = time.perf_counter()
+        try:
+            return real(path, filename, header)
+        finally:
+            checks.append({"s": time.perf_counter() - t, "probed": header is not None})
+
+    download.verify_gguf = verify
+    return checks
+
+
+def task_gguf_parse(a: dict[str, Any]) -> dict[str, Any]:
+    """Parse a GGUF's whole header from scratch (what a check costs without the early parse)."""
+    from llmlb_node.gguf import check_complete
+
+    times = []
+    for _ in range(a.get("repeat", 5)):
+        t = time.perf_counter()
+        header = check_complete(a["path"])
+        times.append(time.perf_counter() - t)
+    return {"times_s": times, "data_end": header.data_end, "tensors": len(header.tensors)}
 
 
 def task_dedup(a: dict[str, Any]) -> dict[str, Any]:
@@ -471,6 +511,7 @@ TASKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "download": task_download,
     "dedup": task_dedup,
     "coldstart": task_coldstart,
+    "gguf_parse": task_gguf_parse,
 }
 
 

@@ -36,9 +36,9 @@ from benchmarks.harness import (  # noqa: E402
 )
 from benchmarks.stats import Section, fmt, markdown, text_table  # noqa: E402
 
-SECTIONS = ("1", "2", "3", "4", "5", "6", "7", "8")
+SECTIONS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
 NEEDS_GEMMA = {"1", "2", "6", "7"}
-NEEDS_PAYLOAD = {"3", "4", "5", "8"}
+NEEDS_PAYLOAD = {"3", "4", "5", "8", "9"}
 QUICK_PAYLOAD = 8 * MIB
 
 
@@ -165,6 +165,7 @@ def _run_sections(ctx: suite.Context, wanted: list[str]) -> list[Section]:
         (("6",), suite.bench_coldstart),
         (("7",), suite.bench_cold_proxy),
         (("8",), suite.bench_rss),
+        (("9",), suite.bench_integrity),
     ]
     titles = {
         "1": "Cached resolve",
@@ -175,6 +176,7 @@ def _run_sections(ctx: suite.Context, wanted: list[str]) -> list[Section]:
         "6": "Cold start, installed",
         "7": "Cold start via proxy",
         "8": "Peak RSS while downloading",
+        "9": "Integrity: GGUF check, SIGKILL resume",
     }
     for keys, fn in plan:
         if not set(keys) & set(wanted):

@@ -1,4 +1,4 @@
-"""The eight benchmarks of the issue, each returning a `Section` of figures, ratios and goals.
+"""The nine benchmarks of the issue, each returning a `Section` of figures, ratios and goals.
 
 Contenders run in fresh child processes, in an order rotated every run; each ratio pairs the two
 figures of one run. The servers live in their own process (see serve.py).
@@ -7,8 +7,11 @@ figures of one run. The servers live in their own process (see serve.py).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import (
+    CHILD,
     MIB,
     ChildError,
     CpuMeter,
@@ -23,7 +27,9 @@ from benchmarks.harness import (
     ServerProcess,
     Workers,
     drop_tree,
+    generated_model,
     run_child,
+    write_catalog,
 )
 from benchmarks.stats import Section, Stat, ratios
 
@@ -813,6 +819,117 @@ def bench_rss(ctx: Context) -> Section:
     s.notes.append(f"Measured inside the child around the call: {method}.")
     noise.annotate(s)
     return s
+
+
+# --------------------------------------------------------------------------- 9: integrity
+
+KILL_SIZE = 100 * MB  # SIGKILL at half of this file...
+KILL_RATE = 16 * MB  # ...served at this per connection: 4 ranges, 64 MB/s
+QUICK_KILL_SIZE = 16 * MIB
+QUICK_KILL_RATE = 4 * MB
+
+
+def bench_integrity(ctx: Context) -> Section:
+    """9. What the structural GGUF check adds to an install, and what a SIGKILL halfway through
+    a fast parallel download leaves to fetch again."""
+    m = ctx.payload
+    assert m is not None
+    runs = 1 if ctx.quick else max(ctx.runs, 5)
+    s = Section("9", "Integrity: the GGUF structural check, and resuming after SIGKILL")
+    end_checks: list[float] = []
+    probed: list[bool] = []
+    for _ in range(runs):
+        dest = ctx.fresh_dir("integrity-dl")
+        r = _download(ctx, "llmlb", m, dest)
+        end_checks.extend(c["s"] * 1000 for c in r["gguf_checks"])
+        probed.extend(c["probed"] for c in r["gguf_checks"])
+        drop_tree(dest)
+    s.goal(
+        Stat(f"structural check at the end of a {m.size / MB:.0f} MB install", "ms", end_checks),
+        "<=",
+        5.0,
+        "≤ 5 ms added to the install",
+    )
+    parsed = ctx.gemma or m
+    r = run_child(
+        "gguf_parse", {"path": str(parsed.path), "repeat": 2 if ctx.quick else 5}, ctx.env
+    )
+    s.add(
+        Stat(
+            f"whole-header parse of {parsed.filename}, from scratch",
+            "ms",
+            [t * 1000 for t in r["times_s"]],
+        )
+    )
+    s.notes.append(
+        f"The header was parsed while the bytes arrived in {sum(probed)} of {len(probed)} "
+        "installs (files over 16 MiB): the check at the end is then a stat. The from-scratch "
+        "parse is what manual adoption and a changed file cost, and what the transfer hides."
+    )
+    refetched, held = _kill_and_resume(ctx, runs)
+    size = QUICK_KILL_SIZE if ctx.quick else KILL_SIZE
+    rate = QUICK_KILL_RATE if ctx.quick else KILL_RATE
+    s.goal(
+        Stat(
+            f"refetched after SIGKILL at 50% of {size / MB:.0f} MB (4 ranges, "
+            f"{4 * rate / MB:.0f} MB/s)",
+            "× file",
+            refetched,
+        ),
+        "<=",
+        0.60,
+        "≤ 60% of the file to fetch again",
+    )
+    s.add(Stat("held by the killed process (its last progress event)", "× file", held))
+    return s
+
+
+def _kill_and_resume(ctx: Context, runs: int) -> tuple[list[float], list[float]]:
+    size = QUICK_KILL_SIZE if ctx.quick else KILL_SIZE
+    km = generated_model(ctx.work / "payload-kill", size)
+    ctx.servers.add_file(km.repo, km.filename, km.path, km.sha256)
+    source = [{"type": "huggingface", "repo": km.repo}]
+    catalog = write_catalog(ctx.work / "catalog-kill.json", [km.catalog_entry(source)])
+    args: dict[str, Any] = {
+        "contender": "llmlb",
+        "model_id": km.model_id,
+        "repo": km.repo,
+        "filename": km.filename,
+        "overrides": {"parallel_threshold": MIB} if size < 64 * MIB else {},
+    }
+    refetched: list[float] = []
+    held: list[float] = []
+    for run in range(runs):
+        dest = ctx.fresh_dir("integrity-kill")
+        env = ctx.child_env(
+            HF_HOME=str(dest / "hf-home"),
+            LLMLB_HOME=str(dest / "llmlb-home"),
+            LLMLB_SUPPORTED_MODELS=str(catalog),
+        )
+        ctx.servers.rate(QUICK_KILL_RATE if ctx.quick else KILL_RATE)
+        try:
+            proc = subprocess.run(
+                [sys.executable, str(CHILD), "download", json.dumps({**args, "kill_at": 0.5})],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                cwd=ctx.work,
+            )
+        finally:
+            ctx.servers.rate(None)
+        _require(proc.returncode == -signal.SIGKILL, f"not killed: {proc.stderr[-2000:]}")
+        kills = [json.loads(x)["killed_at"] for x in proc.stdout.splitlines() if "killed_at" in x]
+        ctx.servers.reset()
+        r = run_child("download", args, env, cwd=ctx.work)
+        _require(r["size"] == size, f"resumed file has {r['size']} bytes, expected {size}")
+        refetched.append(ctx.servers.stats()["total_bytes"] / size)
+        held.append(kills[0] / size)
+        ctx.log(
+            f"  9: run {run + 1}/{runs}: killed at {held[-1]:.0%}, refetched {refetched[-1]:.0%}"
+        )
+        drop_tree(dest)
+    return refetched, held
 
 
 # --------------------------------------------------------------------------- profiling
