@@ -1,34 +1,44 @@
 """llmlb-node: resolve llama.cpp models by id (local store, Hub, llmlb proxy) and load them.
 
-Importing this package is cheap: it does not import llama_cpp, httpx or huggingface_hub.
+Importing this package is cheap: each name below is imported on first use (PEP 562), so
+``import llmlb_node`` loads no submodule, and ``from llmlb_node import LazyLlama`` loads only what
+LazyLlama's constructor needs (never llama_cpp, httpx or huggingface_hub).
 """
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # not `from typing import ...`: typing alone costs more than this package
+
 __version__ = "0.1.0"
 
-from .catalog import Catalog, ModelEntry, ModelFile, load_catalog  # noqa: E402
-from .errors import (  # noqa: E402
-    CatalogError,
-    DownloadStalledError,
-    InsufficientDiskSpaceError,
-    IntegrityError,
-    InvalidModelIdError,
-    LlmlbError,
-    ModelBusyError,
-    ModelDownloadError,
-    ModelLoadError,
-    ModelNotInstalledError,
-    SourceFailure,
-    UnrunnableModelError,
-    UnsupportedModelError,
-)
-from .lazy import LazyLlama  # noqa: E402
-from .progress import ProgressEvent  # noqa: E402
-from .resolver import ModelResolver, ModelStatus, ResolvedModel  # noqa: E402
-from .settings import Settings  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS = {
+    "Catalog": "catalog",
+    "ModelEntry": "catalog",
+    "ModelFile": "catalog",
+    "load_catalog": "catalog",
+    "CatalogError": "errors",
+    "DownloadStalledError": "errors",
+    "InsufficientDiskSpaceError": "errors",
+    "IntegrityError": "errors",
+    "InvalidModelIdError": "errors",
+    "LlmlbError": "errors",
+    "ModelBusyError": "errors",
+    "ModelDownloadError": "errors",
+    "ModelLoadError": "errors",
+    "ModelNotInstalledError": "errors",
+    "SourceFailure": "errors",
+    "UnrunnableModelError": "errors",
+    "UnsupportedModelError": "errors",
+    "LazyLlama": "lazy",
+    "ProgressEvent": "progress",
+    "ModelResolver": "resolver",
+    "ModelStatus": "resolver",
+    "ResolvedModel": "resolver",
+    "Settings": "settings",
+}
 
-__all__ = [
+__all__ = [  # noqa: PLE0604 - the names are provided by __getattr__
     "Catalog",
     "CatalogError",
     "DownloadStalledError",
@@ -54,3 +64,41 @@ __all__ = [
     "__version__",
     "load_catalog",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmlb_node' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next lookup is a plain global
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:
+    from .catalog import Catalog, ModelEntry, ModelFile, load_catalog
+    from .errors import (
+        CatalogError,
+        DownloadStalledError,
+        InsufficientDiskSpaceError,
+        IntegrityError,
+        InvalidModelIdError,
+        LlmlbError,
+        ModelBusyError,
+        ModelDownloadError,
+        ModelLoadError,
+        ModelNotInstalledError,
+        SourceFailure,
+        UnrunnableModelError,
+        UnsupportedModelError,
+    )
+    from .lazy import LazyLlama
+    from .progress import ProgressEvent
+    from .resolver import ModelResolver, ModelStatus, ResolvedModel
+    from .settings import Settings

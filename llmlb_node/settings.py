@@ -13,7 +13,6 @@ from pathlib import Path
 
 from .catalog import catalog_paths_from_env
 from .errors import ConfigurationError
-from .origin import split_userinfo
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 _TRUE = {"1", "true", "yes", "on"}
@@ -79,7 +78,7 @@ class Settings:
         home = Path(env.get("LLMLB_HOME") or Path.home() / ".llmlb").expanduser()
         models = Path(env.get("LLMLB_MODELS_DIR") or home / "models").expanduser()
         allow = _allowlist(env)
-        llmlb_url, userinfo = split_userinfo(_url(env, "LLMLB_URL") or "")
+        llmlb_url, userinfo = _split_userinfo(_url(env, "LLMLB_URL") or "")
         catalogs = catalog_paths_from_env(env)
         settings = cls(
             home=home,
@@ -198,3 +197,11 @@ def _check_gpu_layers(env: Mapping[str, str]) -> None:
             raise ConfigurationError(
                 f"LLMLB_N_GPU_LAYERS={value!r} must be an integer (-1: all layers) or 'auto'"
             ) from None
+
+
+def _split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
+    if not url:
+        return "", None
+    from .origin import split_userinfo  # ipaddress and friends: only with a proxy configured
+
+    return split_userinfo(url)

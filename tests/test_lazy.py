@@ -867,3 +867,30 @@ def test_status_reports_the_architecture_of_the_installed_gguf(
     status = resolver.status(MODEL)
     assert status.status in ("local", "completed") and status.architecture == "gemma3"
     assert lazy._unknown_architecture(store.resolved.path) is None  # gemma3 is built in
+
+
+def test_import_llmlb_node_loads_no_submodule_until_a_name_is_used() -> None:
+    code = textwrap.dedent(
+        """
+        import json, sys
+        import llmlb_node
+        before = sorted(m for m in sys.modules if m.startswith("llmlb_node."))
+        typing_loaded = "typing" in sys.modules
+        from llmlb_node import LazyLlama, ModelResolver, UnsupportedModelError
+        names = [LazyLlama.__name__, ModelResolver.__name__, UnsupportedModelError.__name__]
+        public = sorted(n for n in llmlb_node.__all__ if not n.startswith("_"))
+        resolved = all(getattr(llmlb_node, n) is not None for n in public)
+        print(json.dumps([before, typing_loaded, names, resolved, "LazyLlama" in dir(llmlb_node)]))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    before, typing_loaded, names, resolved, listed = json.loads(out.stdout)
+    assert before == [] and not typing_loaded  # `import llmlb_node` alone costs ~1 ms
+    assert names == ["LazyLlama", "ModelResolver", "UnsupportedModelError"]
+    assert resolved and listed
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        import llmlb_node
+
+        llmlb_node.Nope  # noqa: B018

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import logging
 import os
 import platform
@@ -15,7 +14,6 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import util as importlib_util
 from pathlib import Path
@@ -152,6 +150,8 @@ def detect_devices(env: Mapping[str, str] | None = None) -> tuple[GpuDevice, ...
     The tools run in parallel, each for at most 2 s; a missing or failing one contributes
     nothing. `env` (default os.environ) is only read for the ``*_VISIBLE_DEVICES`` variables.
     """
+    from concurrent.futures import ThreadPoolExecutor  # only machines that may have a GPU pay
+
     env = os.environ if env is None else env
     with ThreadPoolExecutor(len(_DETECTORS), thread_name_prefix="llmlb-gpu-detect") as pool:
         futures = [pool.submit(detect, env) for detect in _DETECTORS]  # tools run side by side
@@ -339,6 +339,8 @@ def _gpu_may_exist(env: Mapping[str, str]) -> bool:
         return True
     if any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")):
         return True
+    import glob
+
     if glob.glob("/dev/dri/renderD*"):
         return True
     path = env.get("PATH", os.environ.get("PATH"))

@@ -10,11 +10,14 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..units import human_bytes  # noqa: F401  (re-exported for the strategies)
+
+if TYPE_CHECKING:
+    import subprocess
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ def run_tool(args: Sequence[str], timeout: float = TOOL_TIMEOUT) -> str | None:
     exe = shutil.which(args[0])
     if exe is None:
         return None
+    import subprocess  # only when a tool is there to run
+
     env = dict(os.environ, LC_ALL="C")
     try:
         proc = subprocess.Popen(
@@ -77,6 +82,8 @@ def run_tool(args: Sequence[str], timeout: float = TOOL_TIMEOUT) -> str | None:
 
 def _kill(proc: subprocess.Popen[str]) -> None:
     """Kill the tool and anything it started, then reap it without waiting on its pipes."""
+    import subprocess
+
     try:
         if os.name == "posix":
             os.killpg(proc.pid, signal.SIGKILL)
