@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import ssl
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -185,19 +187,10 @@ def test_hf_token_goes_with_a_file_the_hub_serves_itself(
 
 
 def test_the_llmlb_key_never_follows_https_to_http_on_the_same_host_and_port(
-    world: World, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    world: World, monkeypatch: pytest.MonkeyPatch, tls: ssl.SSLContext
 ) -> None:
-    import ssl
-
-    import trustme
-
-    ca = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(LOCALHOST).configure_cert(context)
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # httpx trusts our CA
     proxy = _Redirecting()  # https and http on one port; the blob 302s from https to http
-    proxy.serve_tls(context)
+    proxy.serve_tls(tls)
     proxy.add_model("elsewhere", {FILENAME: world.content})
     proxy.location = proxy.blob_url("elsewhere")  # http://127.0.0.1:<same port>/...
     try:
@@ -213,6 +206,54 @@ def test_the_llmlb_key_never_follows_https_to_http_on_the_same_host_and_port(
         assert ("http", "Bearer test-key") not in by_scheme
     finally:
         proxy.close()
+
+
+@pytest.fixture
+def tls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[ssl.SSLContext]:
+    """An ssl server context for 127.0.0.1 signed by a CA this test's clients trust."""
+    import huggingface_hub
+    import trustme
+
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(LOCALHOST).configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # httpx trusts our CA
+    huggingface_hub.close_session()  # its shared client was built with other CAs
+    yield context
+    huggingface_hub.close_session()
+
+
+class _HubWithItsCdnOnItsOwnPort(HubServer):
+    """A Hub on https whose LFS redirect goes to plain http at its own host and port."""
+
+    def handle_request(self, h, rec) -> None:  # noqa: ANN001
+        if rec.path.startswith("/repos/"):
+            self.cdn.handle_request(h, rec)
+        else:
+            super().handle_request(h, rec)
+
+
+def test_hf_token_never_follows_https_to_http_on_the_same_host_and_port(
+    world: World, monkeypatch: pytest.MonkeyPatch, tls: ssl.SSLContext
+) -> None:
+    hub = _HubWithItsCdnOnItsOwnPort(cdn_host=LOCALHOST)
+    hub.serve_tls(tls)
+    hub.cdn.port = hub.port  # the CDN URLs the Hub hands out: http://127.0.0.1:<the Hub's port>
+    try:
+        hub.add_file(REPO, FILENAME, world.content)
+        hub.require_token(REPO, TOKEN, kind="private")
+        monkeypatch.setenv("HF_ENDPOINT", hub.https_url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+        resolved = world.resolver().resolve(MODEL_ID)
+
+        assert resolved.source == f"huggingface:{REPO}"
+        assert resolved.path.read_bytes() == world.content
+        seen = {(r.scheme, r.port, r.authorization) for r in hub.requests}
+        assert seen == {("https", hub.port, f"Bearer {TOKEN}"), ("http", hub.port, None)}
+    finally:
+        hub.close()
 
 
 def test_a_secret_never_crosses_a_scheme_downgrade(tmp_path: Path) -> None:
