@@ -18,10 +18,12 @@ _EXPORTS = {
     "ModelFile": "catalog",
     "load_catalog": "catalog",
     "CatalogError": "errors",
+    "ConfigurationError": "errors",
     "DownloadStalledError": "errors",
     "InsufficientDiskSpaceError": "errors",
     "IntegrityError": "errors",
     "InvalidModelIdError": "errors",
+    "LlamaCppNotInstalledError": "errors",
     "LlmlbError": "errors",
     "ModelBusyError": "errors",
     "ModelDownloadError": "errors",
@@ -32,6 +34,7 @@ _EXPORTS = {
     "UnsupportedModelError": "errors",
     "LazyLlama": "lazy",
     "ProgressEvent": "progress",
+    "ModelInfo": "resolver",
     "ModelResolver": "resolver",
     "ModelStatus": "resolver",
     "ResolvedModel": "resolver",
@@ -41,16 +44,19 @@ _EXPORTS = {
 __all__ = [  # noqa: PLE0604 - the names are provided by __getattr__
     "Catalog",
     "CatalogError",
+    "ConfigurationError",
     "DownloadStalledError",
     "InsufficientDiskSpaceError",
     "IntegrityError",
     "InvalidModelIdError",
     "LazyLlama",
+    "LlamaCppNotInstalledError",
     "LlmlbError",
     "ModelBusyError",
     "ModelDownloadError",
     "ModelEntry",
     "ModelFile",
+    "ModelInfo",
     "ModelLoadError",
     "ModelNotInstalledError",
     "ModelResolver",
@@ -85,10 +91,12 @@ if TYPE_CHECKING:
     from .catalog import Catalog, ModelEntry, ModelFile, load_catalog
     from .errors import (
         CatalogError,
+        ConfigurationError,
         DownloadStalledError,
         InsufficientDiskSpaceError,
         IntegrityError,
         InvalidModelIdError,
+        LlamaCppNotInstalledError,
         LlmlbError,
         ModelBusyError,
         ModelDownloadError,
@@ -100,5 +108,5 @@ if TYPE_CHECKING:
     )
     from .lazy import LazyLlama
     from .progress import ProgressEvent
-    from .resolver import ModelResolver, ModelStatus, ResolvedModel
+    from .resolver import ModelInfo, ModelResolver, ModelStatus, ResolvedModel
     from .settings import Settings

@@ -10,8 +10,7 @@ import sys
 import pytest
 from world import MODEL_ID, World
 
-from llmlb_node import LazyLlama, ModelLoadError
-from llmlb_node.errors import LlamaCppNotInstalledError
+from llmlb_node import LazyLlama, LlamaCppNotInstalledError, ModelLoadError
 from llmlb_node.llamacpp import import_llama_cpp, llama_options, native_errors
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a hard dependency")

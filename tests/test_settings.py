@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmlb_node import LlmlbError, Settings
-from llmlb_node.errors import ConfigurationError
+from llmlb_node import ConfigurationError, LlmlbError, Settings
 
 
 def _env(tmp_path: Path, **values: str) -> dict[str, str]:
