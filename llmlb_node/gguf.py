@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Union
@@ -35,6 +36,7 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_BATCH = 4096  # strings skipped between GIL releases in a background parse
 _KEEP_ARRAY = 4096  # numeric arrays up to this many items (per-layer values) are kept
 
 # ggml_type -> (elements per block, bytes per block), as ggml's type traits define them.
@@ -134,7 +136,7 @@ def read_header_prefix(fd: int, available: int) -> GGUFHeader | None:
     """The header of a GGUF still being written to `fd`, if its first `available` bytes (all
     that is written so far) hold the whole header; else None (also when it cannot be read)."""
     try:
-        return _Parser(fd, limit=available).parse(tensors=True)
+        return _Parser(fd, limit=available, polite=True).parse(tensors=True)
     except (GGUFError, OSError):
         return None
 
@@ -191,8 +193,9 @@ def _has_block_count(meta: dict[str, Value]) -> bool:
 class _Parser:
     """A forward-only reader over a window of the file, refilled in large blocks."""
 
-    def __init__(self, fd: int, limit: int | None = None) -> None:
+    def __init__(self, fd: int, limit: int | None = None, polite: bool = False) -> None:
         self.fd = fd
+        self.polite = polite  # in a background thread: let others have the GIL often
         self.file_size = os.fstat(fd).st_size
         self.size = self.file_size if limit is None else min(limit, self.file_size)
         self.buf = b""
@@ -353,10 +356,17 @@ class _Parser:
             self._fill(self.pos + 8)
             buf, base = self.buf, self.base
             p, last = self.pos - base, len(buf) - 8
-            while n and p <= last:
+            batch = min(n, _BATCH) if self.polite else n
+            n -= batch
+            while batch and p <= last:
                 p += 8 + unpack(buf, p)[0]
-                n -= 1
+                batch -= 1
+            n += batch
             self.pos = base + p
+            if self.polite:
+                # A download thread waiting for the GIL gets it now, not after the 5 ms switch
+                # interval: this parse then costs a transfer almost nothing.
+                time.sleep(0)
             if self.pos > self.size:
                 raise GGUFError(
                     f"truncated: a string array runs past the end of the file ({self.size} bytes)"

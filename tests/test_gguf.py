@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
 import pytest
 from gguf import make_gguf
 
-from llmlb_node.gguf import GGUFError, block_count, check_complete, read_header
+from llmlb_node.gguf import GGUFError, block_count, check_complete, read_header, read_header_prefix
 
 
 def _s(text: str) -> bytes:
@@ -192,3 +193,21 @@ def test_the_test_builder_makes_structurally_whole_files(tmp_path: Path) -> None
             path.write_bytes(make_gguf(size)[:-1])
             with pytest.raises(GGUFError, match="truncated"):
                 check_complete(path)
+
+
+def test_a_header_is_read_from_a_file_still_being_written(tmp_path: Path) -> None:
+    # More strings than one background batch, and a prefix that does or does not hold it all.
+    tokens = [f"t{i}" for i in range(10_000)]
+    data = _model(
+        [_tensor("w", (64,), 24, 0)], [_kv_string_array("tokenizer.ggml.tokens", tokens)], data=64
+    )
+    path = tmp_path / "m.gguf"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert read_header_prefix(fd, len(data) - 64 - 40) is None  # the header is not all there
+        header = read_header_prefix(fd, len(data) - 64)
+    finally:
+        os.close(fd)
+    assert header is not None and header.data_end == len(data)
+    assert header.array_lengths["tokenizer.ggml.tokens"] == 10_000
