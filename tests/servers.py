@@ -1150,6 +1150,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     cut: int | None = None
+    rate: float | None = None  # bytes per second, in 64 KiB pieces (None: all at once)
 
 
 def requested_range(rec: RecordedRequest, size: int) -> tuple[int, int] | None:
@@ -1185,8 +1186,12 @@ class ScriptedServer(LoopbackServer):
         h.close_connection = True
         self.send_head(h, rec, reply.status, [*reply.headers.items(), ("Connection", "close")])
         body = reply.body if reply.cut is None else reply.body[: reply.cut]
-        if rec.method != "HEAD" and body:
-            self._count(rec, len(body))
-            h.wfile.write(body)
+        step = len(body) if not reply.rate else 64 * 1024
+        for at in range(0, len(body) if rec.method != "HEAD" else 0, step or 1):
+            piece = body[at : at + step]
+            self._count(rec, len(piece))
+            h.wfile.write(piece)
             h.wfile.flush()
+            if reply.rate and self._closing.wait(len(piece) / reply.rate):
+                break
         self._abort(h)

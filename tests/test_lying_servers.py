@@ -415,3 +415,53 @@ def test_a_large_truncated_gguf_is_caught_by_the_header_parsed_during_the_transf
     assert failure.kind == "integrity" and "truncated" in failure.message
     assert str(len(content)) in failure.message and str(20 * 1024 * 1024) in failure.message
     assert headers_seen == [True]  # parsed while the bytes arrived: the end check is a stat
+
+
+@pytest.mark.parametrize("etag", [None, '"v1"'], ids=["no-validator", "etag"])
+def test_only_a_file_with_a_strong_validator_is_split(
+    world: World, serve: Callable[..., ScriptedServer], etag: str | None
+) -> None:
+    # Slow enough that the first connection's rate asks for 4 ranges after 0.25 s.
+    content = make_gguf(8 * 1024 * 1024, seed=46)
+
+    def answer(rec: RecordedRequest) -> Reply:
+        reply = honest_reply(content, rec, etag)  # the catalog has no sha256
+        reply.rate = 4 * 1024 * 1024
+        return reply
+
+    server = serve(answer)
+    _as_url(world, server, "split1", "split1.gguf")
+
+    resolved = world.resolver(parallel_threshold=1024 * 1024).resolve("split1")
+
+    assert resolved.path.read_bytes() == content
+    assert len(_gets(server)) == (1 if etag is None else 4)
+
+
+def test_each_shard_of_a_split_gguf_is_checked_on_its_own(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    first, second = make_gguf(40_000, seed=47), make_gguf(60_000, seed=48)
+
+    def answer(rec: RecordedRequest) -> Reply:
+        if rec.path.endswith("00001-of-00002.gguf"):
+            return honest_reply(first, rec)
+        return Reply(200, {}, second, cut=30_000)  # no length: looks complete, is cut
+
+    server = serve(answer)
+    world.monkeypatch.delenv("LLMLB_URL", raising=False)
+    names = ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]
+    entry = world.add_model("split", {n: b"" for n in names}, on_hub=False, on_proxy=False)
+    entry.update(
+        files=[{"filename": n} for n in names],
+        sources=[{"type": "url", "urls": {n: f"{server.url}/{n}" for n in names}}],
+    )
+    world.write_catalog()
+
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("split")
+
+    failure = info.value.failures[0]
+    assert failure.kind == "integrity" and "m-00002-of-00002.gguf" in failure.message
+    assert "60000" in failure.message and "30000" in failure.message
+    assert world.resolver().installed("split") is None
