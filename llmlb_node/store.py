@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import logging
 import math
@@ -465,6 +464,8 @@ def _manual_sha256(entry: ModelEntry | None) -> str | None:
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, read 4 MiB at a time."""
+    import hashlib  # not at import: a cached resolve never hashes
+
     digest = hashlib.sha256()
     buf = bytearray(4 * 1024 * 1024)
     view = memoryview(buf)
@@ -509,6 +510,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def _file_key(filename: str) -> str:
+    import hashlib
+
     return hashlib.sha256(filename.encode()).hexdigest()[:24]
 
 
