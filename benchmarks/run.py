@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import suite  # noqa: E402
+from benchmarks import serving, suite  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     BENCH_DIR,
     MIB,
@@ -36,8 +36,9 @@ from benchmarks.harness import (  # noqa: E402
 )
 from benchmarks.stats import Section, fmt, markdown, text_table  # noqa: E402
 
-SECTIONS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
-NEEDS_GEMMA = {"1", "2", "6", "7"}
+SERVING = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
+SECTIONS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", *SERVING)
+NEEDS_GEMMA = {"1", "2", "6", "7", *SERVING}
 NEEDS_PAYLOAD = {"3", "4", "5", "8", "9"}
 QUICK_PAYLOAD = 8 * MIB
 
@@ -166,6 +167,11 @@ def _run_sections(ctx: suite.Context, wanted: list[str]) -> list[Section]:
         (("7",), suite.bench_cold_proxy),
         (("8",), suite.bench_rss),
         (("9",), suite.bench_integrity),
+        (("S1", "S2", "S3"), serving.bench_warm),
+        (("S4",), serving.bench_cold),
+        (("S5",), serving.bench_concurrent_cold),
+        (("S6",), serving.bench_two_models),
+        (("S7",), serving.bench_idle_rss),
     ]
     titles = {
         "1": "Cached resolve",
@@ -177,6 +183,13 @@ def _run_sections(ctx: suite.Context, wanted: list[str]) -> list[Section]:
         "7": "Cold start via proxy",
         "8": "Peak RSS while downloading",
         "9": "Integrity: GGUF check, SIGKILL resume",
+        "S1": "serve: overhead",
+        "S2": "serve: time to first token",
+        "S3": "serve: status latency during a stream",
+        "S4": "serve: cold store",
+        "S5": "serve: 16 concurrent cold requests",
+        "S6": "serve: two models",
+        "S7": "serve: idle RSS",
     }
     for keys, fn in plan:
         if not set(keys) & set(wanted):

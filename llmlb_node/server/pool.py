@@ -81,6 +81,8 @@ class Slot:
         self.load_task: asyncio.Task[None] | None = None
         self.rss_bytes: int | None = None
         """How much the process's resident memory grew while this model loaded."""
+        self.status: ModelStatus | None = None
+        """The download status when the model became ready (answered from memory)."""
 
     def move(self, new: SlotState) -> None:
         """Change state along `TRANSITIONS`; anything else is a bug in this module."""
@@ -455,7 +457,14 @@ class ModelPool:
         return sum(s.users - s.waiting for s in slots), sum(s.waiting for s in slots)
 
     async def status(self, model_id: str) -> ModelStatus:
-        """The model's download status (ModelResolutionStatus), read in a worker thread."""
+        """The model's download status (ModelResolutionStatus).
+
+        From memory while the model is loaded (its files cannot change under it); otherwise
+        read in a worker thread (status files, stat calls).
+        """
+        slot = self._slots.get((model_id, False)) or self._slots.get((model_id, True))
+        if slot is not None and slot.state is SlotState.READY and slot.status is not None:
+            return slot.status
         return await asyncio.to_thread(self.resolver.status, model_id)  # type: ignore[arg-type]
 
     async def loading_error(self, model_id: str) -> ModelLoadingError:
@@ -557,6 +566,7 @@ class ModelPool:
         llama = slot.llm.load()
         slot.rss_bytes = max(0, rss_bytes() - before) if before else None
         _install_cancel_hook(llama, slot.cancel)
+        slot.status = self.resolver.status(slot.model_id)  # type: ignore[assignment]
 
     async def _make_room(self, slot: Slot) -> None:
         """Unload least recently used idle models until `slot` fits; wait while none is idle."""
