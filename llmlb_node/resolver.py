@@ -522,7 +522,9 @@ class ModelResolver:
 
         path = self.store.lock_path(entry.id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path), thread_local=False, preserve_lock_file=True)
+        # Only arguments every filelock since 3.12 takes (thread_local came in 3.12); the lock
+        # file's fate after release is not ours to rely on: publishing never depends on it.
+        lock = FileLock(str(path), thread_local=False)
         stale_after = self._stale_after()
         waiting_since = time.monotonic()
         announced = False
