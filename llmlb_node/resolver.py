@@ -405,15 +405,13 @@ class ModelResolver:
         """
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id)
-        from filelock import FileLock, Timeout
+        from filelock import Timeout
 
         if (str(self.settings.models_dir), model_id) in _FLIGHTS:
             raise _busy(model_id, f"this process (pid {os.getpid()})")
         lock = None
         if self.store.meta_dir(model_id).is_dir():  # else no download ever started here
-            lock = FileLock(
-                str(self.store.lock_path(model_id)), thread_local=False, preserve_lock_file=True
-            )
+            lock = self._model_lock(model_id)
             try:
                 lock.acquire(timeout=0.5)
             except Timeout:
@@ -510,6 +508,19 @@ class ModelResolver:
         finally:
             slots.release()
 
+    def _model_lock(self, model_id: str) -> Any:
+        """The model's cross-process lock (a filelock.FileLock, not yet taken).
+
+        Only arguments every filelock since 3.12 takes (pyproject's floor is tested in CI): the
+        newer preserve_lock_file raised TypeError on older releases, and nothing here relies on
+        the lock file outliving a release.
+        """
+        from filelock import FileLock
+
+        path = self.store.lock_path(model_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path), thread_local=False)
+
     def _lock_or_installed(self, entry: ModelEntry, monitor: Monitor) -> Any:
         """Take the model's cross-process lock, or return the record another process installed.
 
@@ -518,13 +529,9 @@ class ModelResolver:
         heartbeat has not moved for several stall windows. Correctness never depends on the
         lock: every writer has its own temporary file and publishes with an atomic rename.
         """
-        from filelock import FileLock, Timeout
+        from filelock import Timeout
 
-        path = self.store.lock_path(entry.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Only arguments every filelock since 3.12 takes (thread_local came in 3.12); the lock
-        # file's fate after release is not ours to rely on: publishing never depends on it.
-        lock = FileLock(str(path), thread_local=False)
+        lock = self._model_lock(entry.id)
         stale_after = self._stale_after()
         waiting_since = time.monotonic()
         announced = False
