@@ -488,3 +488,29 @@ def test_aresolve_runs_in_a_worker_thread_while_the_loop_keeps_ticking(world: Wo
     assert took > 0.2
     assert len(ticks) >= took / 0.01 * 0.5  # the loop ran its ticker all along
     assert max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) < 0.15
+
+
+def test_remove_refuses_while_this_process_downloads_the_model(world: World) -> None:
+    import threading
+
+    from llmlb_node import ModelBusyError
+
+    world.hub.cdn.rate_limit(200_000)  # about 1.5 s
+    resolver = world.resolver()
+    events: list[str] = []
+    worker = threading.Thread(
+        target=lambda: resolver.resolve(MODEL_ID, progress=lambda e: events.append(e.stage))
+    )
+    worker.start()
+    deadline = time.monotonic() + 30
+    while "downloading" not in events:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    with pytest.raises(ModelBusyError, match=r"'tiny' is being downloaded by this process"):
+        resolver.remove(MODEL_ID)
+    worker.join()
+
+    assert events[-1] == "installed"
+    assert world.installed_path().read_bytes() == world.content
+    assert resolver.remove(MODEL_ID) is True and not world.installed_path().exists()
