@@ -179,3 +179,22 @@ def test_pull_through_of_a_model_no_source_has_is_502(world: World) -> None:
 
     assert status == 502 and body["error"]["code"] == "download_failed"
     assert not os.path.exists(world.installed_path())
+
+
+def test_a_download_that_fails_midway_ends_the_response_short(world: World, big: bytes) -> None:
+    world.proxy.refuse()  # the Hub is the only source
+    got = bytearray()
+    with running_node(api_key=KEY) as a, httpx.Client(base_url=a.url, timeout=60) as client:
+        with (
+            pytest.raises(httpx.RemoteProtocolError),
+            client.stream("GET", f"/v0/models/blob/{BIG_ID}", headers=_headers()) as response,
+        ):
+            for chunk in response.iter_bytes():
+                if not got:
+                    world.hub.cdn.refuse()  # A's download stops for good after these bytes
+                got += chunk
+        _, _, status = a.get(f"/v0/models/{BIG_ID}/status")
+
+    assert response.status_code == 200
+    assert 0 < len(got) < BIG_SIZE and bytes(got) == big[: len(got)]
+    assert status["status"] == "error"
