@@ -63,3 +63,25 @@ def write_gguf(path: str | os.PathLike[str], size: int, seed: int = 0) -> str:
 def sha256_hex(data: bytes) -> str:
     """Hex sha256 of `data`."""
     return hashlib.sha256(data).hexdigest()
+
+
+def make_model_gguf(arch: str, fields: dict[str, int], tensors: dict[str, int]) -> bytes:
+    """A structurally whole GGUF for architecture `arch` with u32 `fields` (``block_count``...,
+    prefixed with the architecture) and I8 `tensors` (name -> element count), zero-filled.
+
+    Its header is what a memory estimate reads; llama.cpp still cannot run it.
+    """
+
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+
+    pairs = [s("general.architecture") + struct.pack("<I", 8) + s(arch)]
+    pairs += [s(f"{arch}.{k}") + struct.pack("<II", 4, v) for k, v in fields.items()]
+    infos, offset = [], 0
+    for name, n in tensors.items():
+        infos.append(s(name) + struct.pack("<IQIQ", 1, n, 24, offset))  # 1 dim, I8, offset
+        offset += n + (-n % 32)
+    head = GGUF_MAGIC + struct.pack("<IQQ", 3, len(infos), len(pairs))
+    head += b"".join(pairs) + b"".join(infos)
+    head += b"\0" * (-len(head) % 32)
+    return head + bytes(offset)

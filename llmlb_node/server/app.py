@@ -35,6 +35,7 @@ from . import blob, inference, lb, management, metrics, models, openai, shutdown
 from .errors import (
     ContextLengthExceededError,
     GenerationCancelledError,
+    InsufficientMemoryError,
     InvalidRequestError,
     ModelBusyError,
     ModelLoadingError,
@@ -60,6 +61,7 @@ ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
     ModelDownloadError: (502, "server_error", "download_failed"),
     IntegrityError: (502, "server_error", "download_failed"),
     InsufficientDiskSpaceError: (507, "server_error", "insufficient_storage"),
+    InsufficientMemoryError: (507, "server_error", "insufficient_memory"),
     ModelLoadError: (500, "server_error", "model_load_failed"),
     ModelLoadingError: (503, "server_error", "model_loading"),
     GenerationCancelledError: (499, "server_error", "client_closed_request"),

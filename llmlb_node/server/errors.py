@@ -59,3 +59,12 @@ class DownloadInterrupted(BaseException):  # noqa: N818 - a stop signal, like Ke
     Not an `Exception`, so that nothing on the way catches it as a failure: the resolver
     records the download as interrupted, as it does for Ctrl-C.
     """
+
+
+class InsufficientMemoryError(LlmlbError):
+    """The model cannot fit in LLMLB_MEMORY_BUDGET even with every other model unloaded."""
+
+    def __init__(self, message: str, needed: int, budget: int) -> None:
+        self.needed = needed
+        self.budget = budget
+        super().__init__(message)

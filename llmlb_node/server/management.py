@@ -251,6 +251,8 @@ def _slot_row(info: SlotInfo) -> dict[str, Any]:
         "id": info.model_id,
         "embedding": info.embedding,
         "state": info.state.value,
+        "memory_estimate_bytes": info.need.ram_bytes if info.need else None,
+        "memory_estimate": info.need.describe() if info.need else None,
         "memory_rss_bytes": info.rss_bytes,
         "expires_at": None if info.expires_at is None else _iso(info.expires_at),
         "last_used": _iso(info.last_used),

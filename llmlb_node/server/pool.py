@@ -23,9 +23,11 @@ from ..lazy import LazyLlama
 from ..progress import ProgressCallback, ProgressEvent
 from ..resolver import ModelResolver, ModelStatus
 from ..units import human_bytes
+from . import memory
 from .errors import (
     DownloadInterrupted,
     GenerationCancelledError,
+    InsufficientMemoryError,
     ModelBusyError,
     ModelLoadingError,
     ServerBusyError,
@@ -83,6 +85,8 @@ class Slot:
         """How much the process's resident memory grew while this model loaded."""
         self.status: ModelStatus | None = None
         """The download status when the model became ready (answered from memory)."""
+        self.need: memory.MemoryNeed | None = None
+        """What the model will occupy, from its GGUF header (known once it is on disk)."""
 
     def move(self, new: SlotState) -> None:
         """Change state along `TRANSITIONS`; anything else is a bug in this module."""
@@ -110,6 +114,7 @@ class SlotInfo:
     expires_at: float | None
     """When keep-alive unloads it; None while in use or kept forever."""
     rss_bytes: int | None
+    need: memory.MemoryNeed | None = None
 
 
 class PoolObserver:
@@ -376,6 +381,7 @@ class ModelPool:
                     wall - (now - slot.last_used),
                     expires,
                     slot.rss_bytes,
+                    slot.need,
                 )
             )
         return infos
@@ -542,6 +548,8 @@ class ModelPool:
             await self._move(slot, SlotState.LOADING)
             loop = asyncio.get_running_loop()
             try:
+                await loop.run_in_executor(self.executor, self._resolve_blocking, slot)
+                await self._make_memory_room(slot)
                 await loop.run_in_executor(self.executor, self._load_blocking, slot)
             except Exception as exc:
                 log.warning("%s: load failed: %s", slot, exc)
@@ -554,7 +562,8 @@ class ModelPool:
         finally:
             slot.load_task = None
 
-    def _load_blocking(self, slot: Slot) -> None:
+    def _resolve_blocking(self, slot: Slot) -> None:
+        """Download the model if needed, then read what it will occupy from its header."""
         try:
             resolved = slot.llm.prefetch()
         except (ModelDownloadError, IntegrityError, InsufficientDiskSpaceError):
@@ -562,6 +571,9 @@ class ModelPool:
             raise
         outcome = "local" if resolved.source == "local" else "downloaded"
         self.observer.resolved(slot.model_id, outcome)
+        slot.need = memory.need_for(resolved.path, self.llama_kwargs.get("n_ctx"))
+
+    def _load_blocking(self, slot: Slot) -> None:
         before = rss_bytes()
         llama = slot.llm.load()
         slot.rss_bytes = max(0, rss_bytes() - before) if before else None
@@ -588,6 +600,57 @@ class ModelPool:
                 victim.move(SlotState.UNLOADING)
                 self._changed.notify_all()
             await self._unload(victim)
+
+    async def _make_memory_room(self, slot: Slot) -> None:
+        """Unload least recently used idle models until `slot`'s memory need fits the budget;
+        wait while the others are busy; `InsufficientMemoryError` if it cannot fit even alone."""
+        need = slot.need
+        if need is None:
+            return
+        while True:
+            async with self._changed:
+                victim = None
+                while victim is None:
+                    others = [
+                        s for s in self._slots.values() if s is not slot and s.state in _RESIDENT
+                    ]
+                    held = sum(s.need.ram_bytes for s in others if s.need is not None)
+                    available = memory.available_bytes()
+                    if available is None:
+                        return  # the system does not say: load as before
+                    capacity = self.settings.memory_budget.capacity(available, held)
+                    if need.ram_bytes + held <= capacity:
+                        return
+                    if need.ram_bytes > capacity:
+                        raise self._too_big(slot, need, capacity, available, held)
+                    idle = [s for s in others if s.state is SlotState.READY and not s.users]
+                    if idle:
+                        victim = min(idle, key=lambda s: s.last_used)
+                    else:
+                        await self._changed.wait()
+                log.info(
+                    "%s: unloading (least recently used) to make room for %s, which needs %s",
+                    victim,
+                    slot,
+                    need.describe(),
+                )
+                victim.move(SlotState.UNLOADING)
+                self._changed.notify_all()
+            await self._unload(victim)
+
+    def _too_big(
+        self, slot: Slot, need: memory.MemoryNeed, capacity: int, available: int, held: int
+    ) -> InsufficientMemoryError:
+        budget = self.settings.memory_budget
+        return InsufficientMemoryError(
+            f"model {slot.model_id!r} needs {need.describe()}, more than the node's memory "
+            f"budget of {human_bytes(capacity)} (LLMLB_MEMORY_BUDGET={budget}; "
+            f"{human_bytes(available)} available now, {human_bytes(held)} held by other models) "
+            "even with every other model unloaded. Lower LLMLB_N_CTX, raise "
+            "LLMLB_MEMORY_BUDGET, or serve it from a node with more memory",
+            needed=need.ram_bytes,
+            budget=capacity,
+        )
 
     async def _unload(self, slot: Slot) -> None:
         """Close a slot already moved to UNLOADING, then mark it UNLOADED."""

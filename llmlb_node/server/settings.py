@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..settings import Settings
+from .memory import MemoryBudget
 
 _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -47,6 +48,8 @@ class ServerSettings:
     failure_ttl: float = 10.0
     """Seconds a failed download or load is answered from memory before the next retry."""
     n_ctx: int = 4096
+    memory_budget: MemoryBudget = field(default_factory=MemoryBudget)
+    """How much memory loaded models may hold (LLMLB_MEMORY_BUDGET, default 90% of available)."""
     shutdown_grace: float = 30.0
     """Seconds requests in flight get to finish after SIGTERM/SIGINT."""
     heartbeat: float = 4.0
@@ -68,6 +71,7 @@ class ServerSettings:
             "failure_ttl": _seconds(env, "LLMLB_RETRY_FAILED_AFTER", 10.0),
             "n_ctx": _int(env, "LLMLB_N_CTX", 4096, minimum=0),
             "shutdown_grace": _seconds(env, "LLMLB_SHUTDOWN_GRACE", 30.0),
+            "memory_budget": MemoryBudget.parse(env.get("LLMLB_MEMORY_BUDGET")),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
