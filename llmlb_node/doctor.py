@@ -67,8 +67,24 @@ def doctor_report(
             "devices": [d.name for d in plan.devices],
             "required_memory_bytes": required_memory_bytes,
             "estimate": _estimate_info(plan.estimate),
+            "resident_bytes": _resident(path, n_ctx),
+            "n_ctx": n_ctx or 512,
         }
     return report
+
+
+def _resident(path: Any, n_ctx: int | None) -> int | None:
+    """What the model will occupy in host memory on the CPU: what `serve` checks against
+    LLMLB_MEMORY_BUDGET (`offload.memory.resident_bytes`)."""
+    if path is None:
+        return None
+    from .gguf import GGUFError, read_header
+    from .offload.memory import resident_bytes
+
+    try:
+        return resident_bytes(read_header(path), n_ctx)
+    except (OSError, GGUFError):
+        return None
 
 
 def _estimate_info(estimate: offload.MemoryEstimate | None) -> dict[str, Any] | None:
@@ -155,6 +171,14 @@ def format_report(report: dict[str, Any]) -> str:
                 f"({estimate['n_layers']} layers): weights {human_bytes(estimate['weights_bytes'])}"
                 f", KV cache {human_bytes(estimate['kv_cache_bytes'])}, compute buffers "
                 f"{human_bytes(estimate['compute_bytes'])}",
+            )
+        )
+    if plan.get("resident_bytes"):
+        lines.append(
+            (
+                "resident estimate",
+                f"{human_bytes(plan['resident_bytes'])} of host memory on the CPU for "
+                f"n_ctx={plan.get('n_ctx')} (what `serve` checks against LLMLB_MEMORY_BUDGET)",
             )
         )
     lines.append(("plan", str(plan.get("summary"))))

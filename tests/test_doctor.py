@@ -212,3 +212,24 @@ def test_doctor_and_lazyllama_make_the_same_plan(
     assert report["plan"]["estimate"]["n_layers"] == 18
     assert report["plan"]["estimate"]["kv_cache_bytes"] == estimate.kv_cache_bytes
     assert "KV cache" in check_lines(format_report(report))["memory estimate"]
+
+
+def test_doctor_shows_the_resident_estimate_serve_budgets_with(
+    tmp_path: Path, no_gpu_tools: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmlb_node import ModelResolver
+    from llmlb_node.gguf import read_header
+    from llmlb_node.offload.memory import resident_bytes
+
+    monkeypatch.setenv("LLMLB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("LLMLB_MODELS_DIR", "LLMLB_SUPPORTED_MODELS"):
+        monkeypatch.delenv(name, raising=False)
+    with ModelResolver() as resolver:
+        path = resolver.resolve("gemma-3-270m").path  # from the installed demo packages
+
+    report = doctor_report(model_id="gemma-3-270m", n_ctx=4096)
+
+    assert report["plan"]["resident_bytes"] == resident_bytes(read_header(path), 4096)
+    line = check_lines(format_report(report))["resident estimate"]
+    assert "for n_ctx=4096" in line and "LLMLB_MEMORY_BUDGET" in line
