@@ -178,3 +178,28 @@ def test_a_sigkilled_node_restarted_serves_installed_models_at_once_and_resumes_
     assert {m["id"] for m in tags["models"]} == {MODEL_ID, "other"}
     assert world.hub.cdn.bytes_sent - sent_before <= 300_000 - kept + OVERLAP
     assert world.requests() > requests_before  # only for "other"
+
+
+def test_once_shutdown_begins_health_says_offline_and_new_requests_get_503(world: World) -> None:
+    from starlette.testclient import TestClient
+
+    from llmlb_node.server.app import create_app
+    from llmlb_node.server.settings import ServerSettings
+
+    app = create_app(ServerSettings.from_env())
+    with TestClient(app) as client:
+        before = client.get("/api/health")
+        app.state.shutdown.begin()  # what SIGTERM does (the signal itself: the tests above)
+        deadline = time.monotonic() + 5
+        while (health := client.get("/api/health")).status_code != 503:
+            assert time.monotonic() < deadline, health.json()
+            time.sleep(0.02)
+        chat = client.post("/v1/chat/completions", json=CHAT)
+        pull = client.post("/api/models/pull", json={"model": MODEL_ID})
+
+    assert before.status_code == 200 and before.json()["status"] != "offline"
+    assert health.json()["status"] == "offline"
+    assert chat.status_code == 503 and chat.json()["error"]["code"] == "shutting_down"
+    assert chat.headers["Retry-After"] == "1"
+    assert pull.status_code == 503
+    assert world.requests() == 0
