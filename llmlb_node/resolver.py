@@ -463,11 +463,15 @@ class ModelResolver:
         self.close()
 
     # -- the download ---------------------------------------------------------------------
-    def _record_failure(self, entry: ModelEntry, monitor: Monitor, exc: BaseException) -> None:
-        """Report how a resolve ended without a model (status file, callbacks), and leave no
-        empty model directory behind. A partial file stays for the next resolve to resume."""
-        with contextlib.suppress(OSError):
-            self.store.prune_empty(entry.id)
+    def _record_failure(
+        self, entry: ModelEntry, monitor: Monitor, exc: BaseException, locked: bool = False
+    ) -> None:
+        """Report how a resolve ended without a model (status file, callbacks). Under the
+        model's lock, also leave no empty model directory behind (without it, another process
+        may be about to write there). A partial file stays for the next resolve to resume."""
+        if locked:
+            with contextlib.suppress(OSError):
+                self.store.prune_empty(entry.id)
         if not isinstance(exc, Exception):  # Ctrl-C (KeyboardInterrupt), SystemExit
             done = monitor.event.downloaded
             monitor.stage("interrupted", message=f"stopped at {done} bytes; resolve resumes it")
@@ -499,7 +503,8 @@ class ModelResolver:
                 monitor.hold_status(heartbeat=min(5.0, self._stale_after() / 4))
                 return self._fetch(entry, monitor)
             except BaseException as exc:
-                self._record_failure(entry, monitor, exc)  # while we still own the status file
+                # While we still own the status file (and the lock, when we got it).
+                self._record_failure(entry, monitor, exc, locked=lock is not None)
                 raise
             finally:
                 monitor.release_status()  # before the lock: the next holder's status is its own
