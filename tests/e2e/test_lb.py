@@ -11,7 +11,7 @@ from lb import LoadBalancer
 from node import running_node
 from servers import refused_url
 
-from .conftest import GEMMA_ID
+from .conftest import GEMMA_ID, GEMMA_SIZE, GemmaWorld
 
 pytestmark = pytest.mark.e2e
 
@@ -49,3 +49,37 @@ def test_health_is_busy_while_every_loaded_models_queue_is_full(gemma_file: Path
     assert seen[-1]["loaded_models"] == [GEMMA_ID]
     assert full == 429 and refused["error"]["code"] == "server_busy"
     assert after["status"] == "online" and after["load"]["active_requests"] == 0
+
+
+def test_a_node_fed_by_another_answers_and_the_hub_serves_gemma_once(
+    gemma_world: GemmaWorld, hub_only_catalog: Path, tmp_path: Path
+) -> None:
+    base = {k: v for k, v in gemma_world.env().items() if k != "LLMLB_URL"}
+    seed_env = {**os.environ, **base, "LLMLB_HOME": str(tmp_path / "seed")}
+    seed_env.pop("LLMLB_URL", None)
+    chat = {**SHORT, "stream": False}
+    answers: dict[str, int] = {}
+    with running_node(seed_env, api_key="seed-key", N_CTX="512") as seed:
+        fed_env = {
+            **seed_env,
+            "LLMLB_HOME": str(tmp_path / "fed"),
+            "LLMLB_URL": seed.url,
+            "LLMLB_API_KEY": "seed-key",
+            "LLMLB_ORIGIN_ALLOWLIST": "none.invalid",  # the Hub is not allowed
+        }
+        with running_node(fed_env, N_CTX="512") as fed:
+            asks = [
+                threading.Thread(target=lambda n=n, k=k: answers.update({k: n.post(
+                    "/v1/chat/completions", chat)[0]}))
+                for k, n in (("seed", seed), ("fed", fed))
+            ]  # fmt: skip
+            for t in asks:
+                t.start()
+            for t in asks:
+                t.join()
+            _, _, fed_status = fed.get(f"/v0/models/{GEMMA_ID}/status")
+
+    assert answers == {"seed": 200, "fed": 200}
+    assert fed_status["source"] == "llmlb-proxy"
+    assert gemma_world.hub.cdn.bytes_sent == GEMMA_SIZE  # type: ignore[attr-defined]
+    assert gemma_world.proxy.request_count == 0  # type: ignore[attr-defined]

@@ -198,3 +198,17 @@ def test_a_download_that_fails_midway_ends_the_response_short(world: World, big:
     assert response.status_code == 200
     assert 0 < len(got) < BIG_SIZE and bytes(got) == big[: len(got)]
     assert status["status"] == "error"
+
+
+def test_each_file_of_a_multi_file_model_is_pulled_through_by_name(
+    world: World, tmp_path: Path
+) -> None:
+    files = {"two-00001-of-00002.gguf": make_gguf(200_000, seed=3), "two-extra.bin": b"x" * 5000}
+    world.add_model("two", files)
+    with running_node(api_key=KEY) as a:
+        resolved = _b_resolver(world, a.url, tmp_path / "b").resolve("two")
+        status, _, _ = a.get("/v0/models/blob/two?file=nope.bin")
+
+    assert [p.read_bytes() for p in resolved.paths] == list(files.values())
+    assert resolved.source == "llmlb-proxy"
+    assert status == 404
