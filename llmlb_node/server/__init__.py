@@ -12,9 +12,16 @@ __all__ = ["ServerSettings", "serve"]
 
 def serve(settings: ServerSettings) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT, then shut down cleanly."""
+    import sys
+
     import uvicorn
 
     from .app import create_app
+
+    # A worker thread running llama-cpp-python's per-token Python code holds the GIL between
+    # llama.cpp calls; the event loop waiting for it would wait up to the 5 ms default switch
+    # interval per hand-over, several times per request. 1 ms keeps status routes quick.
+    sys.setswitchinterval(0.001)
     from .shutdown import BACKSTOP, NodeServer
 
     app = create_app(settings)

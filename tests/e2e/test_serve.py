@@ -89,6 +89,26 @@ def test_text_completion(client: openai.OpenAI) -> None:
     assert out.usage.completion_tokens <= 6
 
 
+def test_sampling_parameters_reach_llama_cpp(client: openai.OpenAI) -> None:
+    stopped = client.completions.create(
+        model=GEMMA_ID, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[","]
+    )
+    json_mode = client.chat.completions.create(
+        model=GEMMA_ID,
+        messages=[{"role": "user", "content": "Give a JSON object with a name."}],
+        max_tokens=24,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    banned = client.completions.create(
+        model=GEMMA_ID, prompt="Hi", max_tokens=12, logit_bias={"1": -100, "106": -100}
+    )
+
+    assert "," not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+    assert json_mode.choices[0].message.content.lstrip().startswith("{")  # the JSON grammar
+    assert banned.usage.completion_tokens == 12  # end-of-text was never sampled
+
+
 def test_embeddings_as_floats_and_as_base64(client: openai.OpenAI, node: Node) -> None:
     default = client.embeddings.create(model=GEMMA_ID, input=["hello world", "goodbye"])
     floats = client.embeddings.create(model=GEMMA_ID, input="hello world", encoding_format="float")
