@@ -7,6 +7,7 @@ uvicorn stops listening and waits for open requests; `Shutdown` adds the deadlin
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from types import FrameType
@@ -74,7 +75,8 @@ class Shutdown:
 
 class EndAtDeadline:
     """Middleware: a request still running when the grace period ends gets a clean end, a 503
-    ``shutting_down`` if nothing was sent yet, or an error event then ``[DONE]`` in a stream."""
+    ``shutting_down`` if nothing was sent yet, an error event then ``[DONE]`` in a stream, or an
+    error line in a pull's NDJSON."""
 
     def __init__(self, app: ASGIApp, shutdown: Shutdown) -> None:
         self.app = app
@@ -105,14 +107,13 @@ class _SentSoFar:
     def __init__(self, send: Send) -> None:
         self.send = send
         self.started = False
-        self.streaming = False
+        self.content_type = b""
         self.finished = False
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
-            headers = dict(message.get("headers") or [])
-            self.streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            self.content_type = dict(message.get("headers") or []).get(b"content-type", b"")
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.finished = True
         await self.send(message)
@@ -129,7 +130,12 @@ class _SentSoFar:
             headers = {"Retry-After": str(error.retry_after)}
             await JSONResponse(body, 503, headers=headers)(scope, _no_receive, self.send)
             return
-        tail = (openai.sse(body) + openai.sse("[DONE]")).encode() if self.streaming else b""
+        if self.content_type.startswith(b"text/event-stream"):
+            tail = (openai.sse(body) + openai.sse("[DONE]")).encode()
+        elif self.content_type.startswith(b"application/x-ndjson"):  # a pull's progress
+            tail = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        else:
+            tail = b""  # a JSON body cut short: the client sees a truncated answer
         await self.send({"type": "http.response.body", "body": tail, "more_body": False})
 
 

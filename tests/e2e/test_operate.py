@@ -95,10 +95,22 @@ def test_ps_unload_and_delete_of_a_loaded_model_and_its_metrics(
         )
         streamer.start()
         assert running.wait(60)
+        queued: list[int] = []
+        behind = threading.Thread(
+            target=lambda: queued.append(
+                node.post("/v1/completions", {"model": "gemma-a", "prompt": "Hi", "max_tokens": 2})[
+                    0
+                ]
+            )
+        )
+        behind.start()
+        node.wait_for(lambda: _ps(node)[0]["queued_requests"] == 1, what="a queued request")
         (busy,) = _ps(node)
+        depth = _samples(node)[("llmlb_queue_depth", (("model", "gemma-a"),))]
         deleting, _, deleting_body = node.request("DELETE", "/api/models/gemma-a")
         unloading, _, _ = node.post("/api/models/unload", {"model": "gemma-a"})
         streamer.join(120)
+        behind.join(60)
         samples = _samples(node)
         unloaded, _, unloaded_body = node.post("/api/models/unload", {"model": "gemma-a"})
         after_unload = _ps(node)
@@ -114,12 +126,13 @@ def test_ps_unload_and_delete_of_a_loaded_model_and_its_metrics(
     assert abs(estimate / rss - 1) <= 0.15, (estimate, rss)  # the estimate against the real RSS
     assert "n_ctx=4096" in loaded["memory_estimate"]
     assert busy["active_requests"] == 1 and busy["expires_at"] is None
+    assert depth == 1 and queued == [200]
     assert deleting == 409 and deleting_body["error"]["code"] == "model_in_use"
     assert unloading == 409
     assert lines[0][-1] == "data: [DONE]"
     ttft = samples[("llmlb_time_to_first_token_seconds_count", (("model", "gemma-a"),))]
     assert ttft == 1
-    assert samples[("llmlb_completion_tokens_total", (("model", "gemma-a"),))] >= 4 + 300
+    assert samples[("llmlb_completion_tokens_total", (("model", "gemma-a"),))] >= 4 + 300 + 2
     assert samples[("llmlb_prompt_tokens_total", (("model", "gemma-a"),))] >= 1
     assert samples[("llmlb_loaded_models", ())] == 1
     assert unloaded == 200 and unloaded_body["status"] == "unloaded"

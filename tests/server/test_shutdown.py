@@ -44,6 +44,14 @@ def _sse_events(node: Node, body: dict, started: threading.Event | None = None) 
     return [line for line in lines if line]
 
 
+def _pull_lines(node: Node) -> list[dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    conn.request("POST", "/api/models/pull", json.dumps({"model": MODEL_ID}))
+    lines = [json.loads(raw) for raw in conn.getresponse() if raw.strip()]
+    conn.close()
+    return lines
+
+
 def _downloading(node: Node, world: World, at_least: int = 20_000) -> None:
     node.wait_for(
         lambda: _status(node)["downloaded_bytes"] > at_least and _partial_bytes(world) > 0,
@@ -66,8 +74,11 @@ def test_sigterm_mid_download_ends_waiting_requests_cleanly_exits_0_and_the_next
         streaming = threading.Thread(
             target=lambda: streams.append(_sse_events(node, {**CHAT, "stream": True}, stream_open))
         )
+        pulls: list[list[dict]] = []
+        pulling = threading.Thread(target=lambda: pulls.append(_pull_lines(node)))
         waiting.start()
         streaming.start()
+        pulling.start()
         _downloading(node, world, at_least=150_000)
         assert stream_open.wait(10)  # answered 200, now sending ": downloading" comments
         started = time.monotonic()
@@ -76,6 +87,7 @@ def test_sigterm_mid_download_ends_waiting_requests_cleanly_exits_0_and_the_next
         took = time.monotonic() - started
         waiting.join(10)
         streaming.join(10)
+        pulling.join(10)
         log = node.log
 
     assert code == 0, log
@@ -87,6 +99,9 @@ def test_sigterm_mid_download_ends_waiting_requests_cleanly_exits_0_and_the_next
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))
     assert error["error"]["code"] == "shutting_down"
+    (pull,) = pulls
+    assert any(line.get("status") == "downloading" for line in pull)
+    assert pull[-1]["error"]["code"] == "shutting_down"
     kept = _partial_bytes(world)
     assert 2 * OVERLAP < kept < size
     assert not world.installed_path().exists()
