@@ -564,6 +564,12 @@ def test_doctor_reports_platform_build_gpus_and_the_plan(world: World) -> None:
 
     assert cli("doctor", "no-such-model").returncode == 3
 
+    path = _installed(world)  # installed: the plan is made from the file itself
+    data = json.loads(cli("doctor", MODEL_ID, "--n-ctx", "4096", "--json").stdout)
+    assert data["model"]["path"] == str(path)
+    assert data["plan"]["n_gpu_layers"] == 0  # no GPU here: the header is not even read
+    assert cli("doctor", MODEL_ID, "--n-ctx", "many").returncode == 2
+
 
 def test_backend_presets_and_the_rebuild_command(world: World) -> None:
     listed = cli("backend", "presets")
