@@ -211,7 +211,6 @@ def test_the_llmlb_key_never_follows_https_to_http_on_the_same_host_and_port(
 @pytest.fixture
 def tls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[ssl.SSLContext]:
     """An ssl server context for 127.0.0.1 signed by a CA this test's clients trust."""
-    import huggingface_hub
     import trustme
 
     ca = trustme.CA()
@@ -219,9 +218,20 @@ def tls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[ssl.SSLCont
     ca.issue_cert(LOCALHOST).configure_cert(context)
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # httpx trusts our CA
-    huggingface_hub.close_session()  # its shared client was built with other CAs
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "ca.pem"))  # huggingface_hub 0.x
+    _reset_hub_client()  # its shared client was built with other CAs
     yield context
-    huggingface_hub.close_session()
+    _reset_hub_client()
+
+
+def _reset_hub_client() -> None:
+    """Drop huggingface_hub's shared HTTP client, so the next one reads the CA settings again."""
+    import huggingface_hub
+
+    close = getattr(huggingface_hub, "close_session", None)  # 1.0 and later
+    if close is None:
+        from huggingface_hub.utils import reset_sessions as close  # 0.x, on requests
+    close()
 
 
 class _HubWithItsCdnOnItsOwnPort(HubServer):
