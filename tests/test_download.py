@@ -205,8 +205,11 @@ def test_parallel_ranges_beat_a_per_connection_cap(world: World) -> None:
     elapsed = time.monotonic() - start
 
     assert sha256_hex(resolved.path.read_bytes()) == sha256_hex(content)
-    ideal = size / (4 * rate)
-    assert elapsed <= ideal * 1.25, (elapsed, ideal)
+    # One connection needs size / rate (6 s), four 1.5 s: beating half the single-connection time
+    # proves the split, with room for a loaded 2-core machine (benchmarks/ measure the speed;
+    # ideal * 1.25 failed at 1.9-2.1 s with other work on the machine).
+    single = size / rate
+    assert elapsed < single / 2, (elapsed, single)
     gets = _gets(world.hub.cdn)
     assert len(gets) == 4  # the first connection keeps a quarter of the rest; three more
     assert world.hub.cdn.bytes_sent <= size * 1.01
