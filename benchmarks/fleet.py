@@ -30,6 +30,9 @@ N_CTX = 512
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
 NO_EOS = {"1": -100, "106": -100}  # Gemma's <eos> and <end_of_turn>: the stream runs its length
 SEED_KEY = "seed-node-key"
+# The fleet's nodes share this machine's cores, so each llama.cpp gets one thread (the peer too):
+# seven thread pools each sized for the whole machine spin against each other.
+FLEET_NODE = {"n_threads": "1"}
 HUB_RATE = 60_000_000  # bytes/s per connection in F1: the download lasts a few seconds
 
 
@@ -200,7 +203,7 @@ def bench_fleet(ctx: Context) -> Section:
     s = Section("F2", f"Fleet: {size} nodes, one Hub copy, first chat request at once")
     rows = []
     for run in range(1 if ctx.quick else 3):
-        with _node(_cold_env(ctx, "single")) as node:
+        with _node(_cold_env(ctx, "single", **FLEET_NODE)) as node:
             sent = time.time()
             single = _first_token(node.url, g.model_id)
             single_installed = _installed_after(node.log, g.model_id, sent)
@@ -242,7 +245,8 @@ def _fleet_run(ctx: Context, size: int) -> dict[str, Any]:
     g = ctx.gemma
     assert g is not None
     with ExitStack() as stack:
-        seed = stack.enter_context(_node(_cold_env(ctx, "seed"), api_key=SEED_KEY))
+        seed_env = _cold_env(ctx, "seed", **FLEET_NODE)
+        seed = stack.enter_context(_node(seed_env, api_key=SEED_KEY))
         fed = {
             "LLMLB_URL": seed.url,
             "LLMLB_API_KEY": SEED_KEY,
@@ -250,7 +254,7 @@ def _fleet_run(ctx: Context, size: int) -> dict[str, Any]:
         }
         nodes = [seed]
         for i in range(size - 1):
-            env = {**_cold_env(ctx, f"fed-{i}"), **fed}
+            env = {**_cold_env(ctx, f"fed-{i}", **FLEET_NODE), **fed}
             nodes.append(stack.enter_context(_node(env)))
         ctx.servers.reset()
         results: dict[int, float | BaseException] = {}

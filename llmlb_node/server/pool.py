@@ -299,7 +299,13 @@ class ModelPool:
     ) -> None:
         self.settings = settings
         self.resolver = resolver or ModelResolver(settings.library)
-        self.llama_kwargs = {"n_ctx": settings.n_ctx, "verbose": False, **(llama_kwargs or {})}
+        threads = {"n_threads": settings.n_threads, "n_threads_batch": settings.n_threads}
+        self.llama_kwargs = {
+            "n_ctx": settings.n_ctx,
+            "verbose": False,
+            **(threads if settings.n_threads else {}),
+            **(llama_kwargs or {}),
+        }
         workers = 4 * settings.max_loaded_models + 4  # a load, a generation, a close per model
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="llmlb-model")
         self._slots: dict[tuple[str, bool], Slot] = {}

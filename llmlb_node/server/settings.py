@@ -48,6 +48,8 @@ class ServerSettings:
     failure_ttl: float = 10.0
     """Seconds a failed download or load is answered from memory before the next retry."""
     n_ctx: int = 4096
+    n_threads: int | None = None
+    """CPU threads per loaded model (generation and prompt); None: llama.cpp's choice."""
     memory_budget: MemoryBudget = field(default_factory=MemoryBudget)
     """How much memory loaded models may hold (LLMLB_MEMORY_BUDGET, default 90% of available)."""
     shutdown_grace: float = 30.0
@@ -70,6 +72,7 @@ class ServerSettings:
             "load_wait": _seconds(env, "LLMLB_LOAD_WAIT", 300.0),
             "failure_ttl": _seconds(env, "LLMLB_RETRY_FAILED_AFTER", 10.0),
             "n_ctx": _int(env, "LLMLB_N_CTX", 4096, minimum=0),
+            "n_threads": _int(env, "LLMLB_N_THREADS", 0, minimum=0) or None,
             "shutdown_grace": _seconds(env, "LLMLB_SHUTDOWN_GRACE", 30.0),
             "memory_budget": MemoryBudget.parse(env.get("LLMLB_MEMORY_BUDGET")),
         }

@@ -59,7 +59,7 @@ def test_a_node_fed_by_another_answers_and_the_hub_serves_gemma_once(
     seed_env.pop("LLMLB_URL", None)
     chat = {**SHORT, "stream": False}
     answers: dict[str, int] = {}
-    with running_node(seed_env, api_key="seed-key", N_CTX="512") as seed:
+    with running_node(seed_env, api_key="seed-key", N_CTX="512", N_THREADS="1") as seed:
         fed_env = {
             **seed_env,
             "LLMLB_HOME": str(tmp_path / "fed"),
@@ -67,7 +67,7 @@ def test_a_node_fed_by_another_answers_and_the_hub_serves_gemma_once(
             "LLMLB_API_KEY": "seed-key",
             "LLMLB_ORIGIN_ALLOWLIST": "none.invalid",  # the Hub is not allowed
         }
-        with running_node(fed_env, N_CTX="512") as fed:
+        with running_node(fed_env, N_CTX="512", N_THREADS="1") as fed:
             asks = [
                 threading.Thread(target=lambda n=n, k=k: answers.update({k: n.post(
                     "/v1/chat/completions", chat)[0]}))
@@ -78,8 +78,10 @@ def test_a_node_fed_by_another_answers_and_the_hub_serves_gemma_once(
             for t in asks:
                 t.join()
             _, _, fed_status = fed.get(f"/v0/models/{GEMMA_ID}/status")
+            cdn = gemma_world.hub.cdn  # type: ignore[attr-defined]
+            seed.wait_for(lambda: cdn.open_connections == 0, what="the CDN's counts to settle")
 
     assert answers == {"seed": 200, "fed": 200}
     assert fed_status["source"] == "llmlb-proxy"
-    assert gemma_world.hub.cdn.bytes_sent == GEMMA_SIZE  # type: ignore[attr-defined]
+    assert cdn.bytes_sent <= 1.05 * GEMMA_SIZE  # one copy (a range cut short counts a little)
     assert gemma_world.proxy.request_count == 0  # type: ignore[attr-defined]
