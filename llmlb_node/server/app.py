@@ -325,7 +325,7 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
         await management.resume_interrupted(own)
         hardware = lb.Hardware()
         hardware.start()
-        feeds = blob.Feeds(own.resolver)
+        feeds = blob.Feeds(own)
         try:
             yield {
                 "pool": own,
@@ -336,7 +336,6 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
             }
         finally:
             stopping.expire()  # downloads stop now, resumably
-            await feeds.close()
             await hardware.stop()
             await own.close()
 

@@ -8,6 +8,7 @@ download under way is joined) and served while it arrives, in order, as far as i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -45,23 +46,27 @@ class ServedFile:
 
 class Feeds:
     """The downloads this node runs for blob requests: one resolve per model, shared by every
-    request for it (and joined with an inference request's download by the resolver itself)."""
+    request for it (and joined with an inference request's download by the resolver itself).
 
-    def __init__(self, resolver: ModelResolver) -> None:
-        self.resolver = resolver
+    They run like the pool's own: in its worker threads, with its progress hook (metrics, and
+    the clean shutdown that stops them resumably).
+    """
+
+    def __init__(self, pool: ModelPool) -> None:
+        self.pool = pool
         self._tasks: dict[str, asyncio.Future[ResolvedModel]] = {}
 
     def download(self, model_id: str) -> asyncio.Future[ResolvedModel]:
         task = self._tasks.get(model_id)
         if task is None or task.done():
-            task = asyncio.ensure_future(asyncio.to_thread(self.resolver.resolve, model_id))
+            pool = self.pool
+            resolve = functools.partial(
+                pool.resolver.resolve, model_id, progress=pool.progress_hook()
+            )
+            task = asyncio.get_running_loop().run_in_executor(pool.executor, resolve)
             task.add_done_callback(_retrieve)
             self._tasks[model_id] = task
         return task
-
-    async def close(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()  # the thread finishes its download; nobody waits for it
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -7,6 +7,7 @@ through A, checked by B's own proxy source and integrity checks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -212,3 +213,37 @@ def test_each_file_of_a_multi_file_model_is_pulled_through_by_name(
     assert [p.read_bytes() for p in resolved.paths] == list(files.values())
     assert resolved.source == "llmlb-proxy"
     assert status == 404
+
+
+def test_a_node_stopping_mid_pull_through_exits_and_keeps_the_partial(
+    world: World, big: bytes
+) -> None:
+    world.hub.cdn.rate_limit(BIG_SIZE / 20)  # twenty seconds, were it left to finish
+    got = bytearray()
+    with (
+        running_node(api_key=KEY, SHUTDOWN_GRACE="1") as a,
+        httpx.Client(base_url=a.url, timeout=60) as client,
+    ):
+
+        def pull() -> None:
+            with (
+                contextlib.suppress(httpx.HTTPError),
+                client.stream("GET", f"/v0/models/blob/{BIG_ID}", headers=_headers()) as r,
+            ):
+                for chunk in r.iter_bytes():
+                    got.extend(chunk)
+
+        reader = threading.Thread(target=pull)
+        reader.start()
+        a.wait_for(lambda: len(got) > 0, what="the first bytes")
+        stopping = time.monotonic()
+        code = a.stop()
+        took = time.monotonic() - stopping
+        reader.join()
+
+    partials = list(world.models_dir.glob(f".llmlb/{BIG_ID}/**/*")) + list(
+        world.models_dir.glob(f"{BIG_ID}/**/*")
+    )
+    assert code == 0 and took < 10  # the download did not hold the exit
+    assert 0 < len(got) < BIG_SIZE and bytes(got) == big[: len(got)]
+    assert any(p.is_file() and p.stat().st_size > 0 for p in partials)
