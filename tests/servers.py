@@ -257,6 +257,8 @@ class LoopbackServer:
         self.requests: list[RecordedRequest] = []
         self.bytes_sent = 0
         self.connections_opened = 0
+        self.in_flight = 0  # requests being answered right now
+        self.max_in_flight = 0  # the most answered at once since the last reset_counters()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._start((host, port))
@@ -336,11 +338,12 @@ class LoopbackServer:
         return len(self.requests)
 
     def reset_counters(self) -> None:
-        """Forget recorded requests and zero `bytes_sent` / `connections_opened`."""
+        """Forget recorded requests; zero `bytes_sent`, `connections_opened`, `max_in_flight`."""
         with self._lock:
             self.requests.clear()
             self.bytes_sent = 0
             self.connections_opened = 0
+            self.max_in_flight = self.in_flight
 
     @property
     def open_connections(self) -> int:
@@ -488,12 +491,17 @@ class LoopbackServer:
             rec.body = h.rfile.read(length)
         with self._lock:
             self.requests.append(rec)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             if not self._injected_response(h, rec):
                 self.handle_request(h, rec)
         except (_Aborted, OSError):
             h.close_connection = True
             raise _Aborted from None
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def _injected_response(self, h: _Handler, rec: RecordedRequest) -> bool:
         fault = self._take("delay", rec.method)

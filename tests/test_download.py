@@ -192,26 +192,21 @@ def test_proxy_changing_bytes_mid_download_restarts(world: World) -> None:
     assert sha256_hex(data) in (sha256_hex(new), world.sha256)  # never a mixture
 
 
-def test_parallel_ranges_beat_a_per_connection_cap(world: World) -> None:
+def test_a_per_connection_cap_splits_the_rest_over_concurrent_ranges(world: World) -> None:
+    # Behaviour only: the speed this buys is benchmark 4 (`python -m benchmarks`), not a timer here.
     size = 48 * MIB
     content = make_gguf(size, seed=3)
     world.add_model("wide", {"wide.gguf": content})
-    rate = 8 * MIB
-    world.hub.cdn.rate_limit(rate)
+    world.hub.cdn.rate_limit(8 * MIB)
     resolver = world.resolver(parallel_threshold=MIB, download_connections=4)
 
-    start = time.monotonic()
     resolved = resolver.resolve("wide")
-    elapsed = time.monotonic() - start
 
     assert sha256_hex(resolved.path.read_bytes()) == sha256_hex(content)
-    # One connection needs size / rate (6 s), four 1.5 s: beating half the single-connection time
-    # proves the split, with room for a loaded 2-core machine (benchmarks/ measure the speed;
-    # ideal * 1.25 failed at 1.9-2.1 s with other work on the machine).
-    single = size / rate
-    assert elapsed < single / 2, (elapsed, single)
     gets = _gets(world.hub.cdn)
     assert len(gets) == 4  # the first connection keeps a quarter of the rest; three more
+    assert [g.headers.get("range") is not None for g in gets] == [True] * 4
+    assert world.hub.cdn.max_in_flight == 4  # all four streamed at once, each under the cap
     assert world.hub.cdn.bytes_sent <= size * 1.01
 
 
