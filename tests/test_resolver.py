@@ -61,7 +61,8 @@ def test_unknown_id_fails_at_once_with_suggestions(world: World) -> None:
         resolver.resolve("tiny-chatt")
     elapsed = time.perf_counter() - start
 
-    assert elapsed < 0.05
+    # The plan's bar, with room for a loaded machine; the speed itself is benchmark 2.
+    assert elapsed < 1.0
     message = str(info.value)
     assert "tiny-chatt" in message and str(world.catalog_path) in message
     assert "tiny-chat" in info.value.suggestions
@@ -464,10 +465,13 @@ def test_a_download_whose_process_died_reports_interrupted(world: World) -> None
 
 def test_aresolve_runs_in_a_worker_thread_while_the_loop_keeps_ticking(world: World) -> None:
     import asyncio
+    import threading
 
-    world.hub.cdn.rate_limit(600_000)  # the 300 kB file takes about half a second
+    world.hub.cdn.rate_limit(300_000)  # the 300 kB file takes about a second
     resolver = world.resolver()
     ticks: list[float] = []
+    loop_thread = threading.get_ident()
+    download_threads: set[int] = set()
 
     async def main() -> object:
         async def tick() -> None:
@@ -476,18 +480,26 @@ def test_aresolve_runs_in_a_worker_thread_while_the_loop_keeps_ticking(world: Wo
                 await asyncio.sleep(0.01)
 
         ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)  # the first tick
         started = time.monotonic()
-        resolved = await resolver.aresolve(MODEL_ID)
+        resolved = await resolver.aresolve(
+            MODEL_ID, progress=lambda e: download_threads.add(threading.get_ident())
+        )
         took = time.monotonic() - started
         ticker.cancel()
-        return resolved, took
+        return resolved, started, took
 
-    resolved, took = asyncio.run(main())
+    resolved, started, took = asyncio.run(main())
 
     assert resolved.path.read_bytes() == world.content
-    assert took > 0.2
-    assert len(ticks) >= took / 0.01 * 0.5  # the loop ran its ticker all along
-    assert max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) < 0.15
+    assert download_threads and loop_thread not in download_threads
+    assert took > 0.5
+    # The loop kept ticking all along: a resolve blocking it would leave one gap as long as the
+    # download. The margin holds on a loaded machine (the scheduler may pause a thread a while).
+    during = [t for t in ticks if t >= started]
+    assert len(during) >= 5
+    gaps = [b - a for a, b in zip([started, *during], [*during, started + took], strict=False)]
+    assert max(gaps) < took / 2, (max(gaps), took)
 
 
 def test_remove_refuses_while_this_process_downloads_the_model(world: World) -> None:
