@@ -187,26 +187,26 @@ def test_stall_fires_read_timeout_and_close_interrupts_it(static: LoopbackServer
         with pytest.raises(httpx.ReadTimeout), c.stream("GET", static.url + "/m") as r:
             for _ in r.iter_bytes():
                 pass
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 10  # the read timeout, not the 30 s stall
     assert static.bytes_sent == 500
     started = time.monotonic()
     static.close()  # the stalled handler is still waiting its 30 s: close must wake it
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10
     assert static.open_connections == 0
 
 
 def test_rate_limit_caps_throughput(static: LoopbackServer, client: httpx.Client) -> None:
     data = make_gguf(2 * 1000 * 1000)
     static.add_path("/m", data)
-    static.rate_limit(4 * 1000 * 1000)
+    static.rate_limit(2 * 1000 * 1000)
     started = time.monotonic()
     assert client.get(static.url + "/m").content == data
     elapsed = time.monotonic() - started
-    assert 0.45 <= elapsed < 1.5
+    assert elapsed >= 0.95  # never faster than the cap (a load can only slow it down)
     static.rate_limit(None)
     started = time.monotonic()
     assert client.get(static.url + "/m").content == data
-    assert time.monotonic() - started < 0.3
+    assert time.monotonic() - started < 0.9  # uncapped: faster than the cap allows
 
 
 def test_refuse_restore_and_refused_url(static: LoopbackServer) -> None:
@@ -443,6 +443,6 @@ def test_server_stops_cleanly_with_open_keep_alive_connections() -> None:
     before = threading.active_count()
     started = time.monotonic()
     server.close()
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 10  # not the handler's 60 s keep-alive timeout
     assert threading.active_count() < before
     c.close()

@@ -205,7 +205,8 @@ def test_lookup_of_a_corrupt_record(store: ModelStore) -> None:
 
 
 def test_lookup_is_record_and_stat_only(store: ModelStore) -> None:
-    # A 1 GiB (sparse) file: hashing or reading it would take far longer than a millisecond.
+    # A 1 GiB (sparse) file: hashing or reading it takes hundreds of milliseconds; a record and a
+    # stat take well under one. The bound leaves room for a loaded machine.
     big = store.new_partial("big", "big.gguf").path
     with open(big, "wb") as fh:
         fh.write(b"GGUF")
@@ -219,7 +220,7 @@ def test_lookup_is_record_and_stat_only(store: ModelStore) -> None:
         assert store.lookup("big", entry) is not None
         timings.append(time.perf_counter() - start)
 
-    assert statistics.median(timings) < 0.001
+    assert statistics.median(timings) < 0.02
 
 
 # -- publishing ----------------------------------------------------------------------------
