@@ -626,6 +626,13 @@ class ModelPool:
                         return  # the system does not say: load as before
                     capacity = self.settings.memory_budget.capacity(available, held)
                     if need.ram_bytes + held <= capacity:
+                        log.info(
+                            "%s: needs %s; fits the memory budget of %s with %s held by others",
+                            slot,
+                            need.describe(),
+                            human_bytes(capacity),
+                            human_bytes(held),
+                        )
                         return
                     if need.ram_bytes > capacity:
                         raise self._too_big(slot, need, capacity, available, held)

@@ -91,6 +91,9 @@ class EndAtDeadline:
         deadline = asyncio.ensure_future(self.shutdown.expired())
         try:
             await asyncio.wait({work, deadline}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # uvicorn gave up on this request: so does its handler
+            work.cancel()
+            raise
         finally:
             deadline.cancel()
         if not work.done():

@@ -159,6 +159,8 @@ def test_the_memory_budget_unloads_the_least_recently_used_model_to_make_room(
     assert first[0] == 200 and second[0] == 200
     assert loaded == {"gemma-b"}  # LLMLB_MAX_LOADED_MODELS (2) allowed both: memory did not
     assert "gemma-a: unloading (least recently used) to make room for gemma-b" in log
+    assert "gemma-a: needs " in log and "at n_ctx=512" in log  # the estimate, logged at load
+    assert "fits the memory budget of" in log
 
 
 def test_sigterm_mid_stream_ends_it_with_an_error_event_then_done_and_exits_0(
