@@ -9,7 +9,7 @@ so every floor we declare is a version the code was tested with (the same as uv'
     python .ci/floors.py check [--keep NAME==VERSION ...]         the running venv has the pins
 
 A requirement without a lower bound (`>=`, `==`, `~=`) is an error: a floor nobody declared is a
-floor nobody tested. `--keep` replaces one pin (see README, Tests: llama-cpp-python).
+floor nobody tested. `--keep` replaces one pin. Needs Python 3.11+ (tomllib).
 """
 
 from __future__ import annotations
