@@ -70,7 +70,8 @@ class Filling:
 
     partial: Partial
     size: int | None
-    """The file's length as the source (or the catalog) states it before the transfer."""
+    """The file's exact length as the source (or the catalog) states it before the transfer;
+    None when only an approximate size is known."""
     sha256: str | None
     """The sha256 the finished file must have (the catalog's, else the source's)."""
 
@@ -617,7 +618,8 @@ class ModelResolver:
                         stale_after,
                         accept=lambda meta, r=remote, f=f: can_resume(meta, r, f),
                     )
-                    filling = Filling(partial, size, f.sha256 or remote.sha256)
+                    exact = remote.size if remote.size is not None else f.size_bytes
+                    filling = Filling(partial, exact, f.sha256 or remote.sha256)
                     with _filling(self._cache_key[0], entry.id, f.filename, filling):
                         ready[f.filename] = downloader.fetch(remote, partial, f, monitor.bytes)
                     monitor.file_done(ready[f.filename].size)

@@ -247,3 +247,15 @@ def test_a_node_stopping_mid_pull_through_exits_and_keeps_the_partial(
     assert code == 0 and took < 10  # the download did not hold the exit
     assert 0 < len(got) < BIG_SIZE and bytes(got) == big[: len(got)]
     assert any(p.is_file() and p.stat().st_size > 0 for p in partials)
+
+
+def test_a_file_of_unknown_exact_size_is_served_once_it_is_installed(world: World) -> None:
+    content = make_gguf(2 * 1024 * 1024, seed=11)
+    # Only an approximate size (llmlb's size_bytes), and a source that states none: the proxy.
+    world.add_model("approx", {"approx.gguf": content}, on_hub=False, size_bytes=len(content) + 999)
+    world.hub.refuse()
+    with running_node(api_key=KEY) as a, httpx.Client(base_url=a.url, timeout=60) as client:
+        whole = client.get("/v0/models/blob/approx", headers=_headers())
+
+    assert whole.status_code == 200 and whole.content == content
+    assert whole.headers["content-length"] == str(len(content))
