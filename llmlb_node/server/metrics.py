@@ -169,7 +169,8 @@ class RequestRecord:
         self.seconds = seconds
         self.ttft: float | None = None
         self.prompt_tokens = state.get("prompt_tokens")
-        self.completion_tokens = state.get("tokens")
+        # Embeddings generate nothing: their "tokens" (for the access log) are all input.
+        self.completion_tokens = None if route == "/v1/embeddings" else state.get("tokens")
 
 
 class RequestMetrics:

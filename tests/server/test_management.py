@@ -173,3 +173,15 @@ def test_each_app_has_its_own_registry() -> None:
 
     assert one.resolves.labels("local")._value.get() == 1
     assert two.resolves.labels("local")._value.get() == 0
+
+
+def test_embeddings_count_prompt_tokens_only() -> None:
+    from llmlb_node.server.metrics import RequestRecord
+
+    metrics = NodeMetrics()
+    state = {"model": "m", "tokens": 7, "prompt_tokens": 7}
+    metrics.observe(RequestRecord({"state": state}, "/v1/embeddings", 200, 0.01))
+    metrics.observe(RequestRecord({"state": {**state, "tokens": 3}}, "/v1/completions", 200, 0.1))
+
+    assert metrics.prompt_tokens.labels("m")._value.get() == 14
+    assert metrics.completion_tokens.labels("m")._value.get() == 3
