@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+_LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
@@ -31,12 +34,15 @@ class Node:
     """One running node: its URL, an HTTP helper, and its log."""
 
     def __init__(self, env: Mapping[str, str], api_key: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # Port 0: the node binds a free port itself and uvicorn logs which. A port picked here
+        # and bound later can be taken in between (by any process's outgoing connection on a
+        # busy machine), and the node would then fail to start, or a client reach another server.
+        self.port = 0
+        self.url = ""
         self.api_key = api_key
         self._log_dir = tempfile.mkdtemp(prefix="llmlb-node-log-")
         self.log_path = os.path.join(self._log_dir, "serve.log")
-        full_env = {**env, "LLMLB_NODE_HOST": "127.0.0.1", "LLMLB_NODE_PORT": str(self.port)}
+        full_env = {**env, "LLMLB_NODE_HOST": "127.0.0.1", "LLMLB_NODE_PORT": "0"}
         if api_key:
             full_env["LLMLB_NODE_API_KEY"] = api_key
         exe = os.path.join(os.path.dirname(sys.executable), "llmlb-node")
@@ -49,14 +55,17 @@ class Node:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
-    def _wait_up(self, timeout: float = 60.0) -> None:
+    def _wait_up(self, timeout: float = 120.0) -> None:
+        """Until uvicorn logs that it listens (after the app's startup), and on which port."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            found = _LISTENING.search(self.log)
+            if found:
+                self.port = int(found.group(1))
+                self.url = f"http://127.0.0.1:{self.port}"
+                return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"llmlb-node serve exited {self.proc.returncode}:\n{self.log}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
             time.sleep(0.05)
         raise RuntimeError(f"llmlb-node serve did not listen within {timeout}s:\n{self.log}")
 
