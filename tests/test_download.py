@@ -60,13 +60,13 @@ def test_retry_count_resets_when_bytes_arrive(world: World) -> None:
 
 
 def test_stall_watchdog_reconnects_and_finishes(world: World) -> None:
-    world.hub.cdn.stall_after(120_000, seconds=10, n=1)
+    world.hub.cdn.stall_after(120_000, seconds=60, n=1)
 
     start = time.monotonic()
     resolved = world.resolver(stall_timeout=0.4).resolve(MODEL_ID)
 
     assert resolved.path.read_bytes() == world.content
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # the watchdog, not the stall's end (60 s)
     assert _gets(world.hub.cdn)[-1].headers["range"].startswith("bytes=120000-")
 
 

@@ -336,7 +336,7 @@ def test_a_url_without_http_scheme_is_a_catalog_error(world: World, url: str) ->
     done = cli("pull", "badurl")
     assert done.returncode == 1, done.stderr
     assert "badurl" in done.stderr and "http" in done.stderr
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # no retries (a loaded machine starts Python slowly)
     assert world.proxy.request_count == 0 and world.hub.total_requests() == 0
 
 
