@@ -131,7 +131,7 @@ def test_different_models_download_concurrently_up_to_the_limit(world: World, mo
     monkeypatch.setattr(resolver_module, "_SLOTS", None)  # a fresh per-process limit of 2
     for name in ("m1", "m2", "m3"):
         world.add_model(name, {f"{name}.gguf": make_gguf(400_000, seed=len(name))})
-    world.hub.cdn.rate_limit(1 * MIB)
+    world.hub.cdn.rate_limit(400_000)  # a second each: m1 and m2 still run when m3 asks
     resolver = world.resolver(max_concurrent_downloads=2)
     events: dict[str, list[str]] = {n: [] for n in ("m1", "m2", "m3")}
     threads = [
@@ -142,9 +142,12 @@ def test_different_models_download_concurrently_up_to_the_limit(world: World, mo
         )
         for n in events
     ]
-    for t in threads:
-        t.start()
-        time.sleep(0.05)
+    for (name, stages), t in zip(events.items(), threads, strict=True):
+        t.start()  # each in turn, once the one before holds its slot (or waits for one)
+        deadline = time.monotonic() + 30
+        while "downloading" not in stages and "waiting" not in stages:
+            assert time.monotonic() < deadline, (name, stages)
+            time.sleep(0.005)
     for t in threads:
         t.join()
 

@@ -171,13 +171,15 @@ def test_download_failure_is_502_naming_each_source_then_retried_after_a_while(
 def test_a_failed_download_is_answered_from_memory_briefly_then_retried(world: World) -> None:
     world.hub.refuse()
     world.proxy.refuse()
-    with running_node(RETRY_FAILED_AFTER="2") as node:
+    # The window leaves a loaded machine time for the second request to fall inside it.
+    with running_node(RETRY_FAILED_AFTER="6") as node:
         assert node.post("/v1/chat/completions", CHAT)[0] == 502
+        failed_by = time.monotonic()
         world.hub.restore()
         world.proxy.restore()
-        cached, _, _ = node.post("/v1/chat/completions", CHAT)  # within 2 s: no new attempt
+        cached, _, _ = node.post("/v1/chat/completions", CHAT)  # within 6 s: no new attempt
         requests_meanwhile = world.requests()
-        time.sleep(2.2)
+        time.sleep(max(0.0, failed_by + 6.2 - time.monotonic()))
         retried, _, body = node.post("/v1/chat/completions", CHAT)
 
     assert cached == 502
