@@ -3,12 +3,15 @@
 Exit codes: 0 ok, 1 other error (not installed, bad catalog, load failure), 2 usage (command
 line, -o values, environment variables), 3 unsupported model, 4 download failed, 5 integrity
 (also a download whose every tried source failed verification) or disk. 130 on Ctrl-C.
-No input a user can type ends in a Python traceback; ``-v`` adds it to the log.
+A reader that goes away (``llmlb-node models | head -1``) ends the command at once, quietly and
+with 0, as ripgrep does. No input a user can type ends in a Python traceback; ``-v`` adds it
+to the log.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -48,7 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command not in ("backend", "doctor"):
             Settings.from_env()  # a malformed LLMLB_* value: exit 2 now, before any work
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader gone shows here, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:
+        # Whoever read stdout took what they wanted (`| head`): stop quietly, with 0 like
+        # ripgrep, so `set -o pipefail` scripts do not fail on it.
+        _silence(sys.stdout)
+        return EXIT_OK
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
@@ -304,9 +314,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             stream = llm.create_completion(args.prompt, **sampling)
             pieces = (c["choices"][0]["text"] for c in stream)
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        # A reader gone (EPIPE) or Ctrl-C stops the loop mid-stream: the stream must end
+        # (stop generating, free the model's lock) before `llm` closes, or the close refuses.
+        with contextlib.closing(stream):
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
         sys.stdout.write("\n")
     return EXIT_OK
 
@@ -401,7 +414,24 @@ def _size(n: int | None) -> str:
 
 
 def _err(message: str) -> None:
-    print(message, file=sys.stderr)
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except BrokenPipeError:  # `2>&1 | head`: messages and progress go quiet, the work goes on
+        _silence(sys.stderr)
+
+
+def _silence(stream: Any) -> None:
+    """Point a standard stream whose reader went away at /dev/null: what is still buffered, and
+    anything logged later, goes nowhere instead of raising BrokenPipeError again."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _fail(exc: BaseException, code: int) -> int:

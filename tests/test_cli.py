@@ -829,3 +829,48 @@ def test_a_home_catalog_adds_models_and_models_shows_where_each_comes_from(
     # LLMLB_SUPPORTED_MODELS with one file: exactly that file.
     only = cli("models", "--json", env={"LLMLB_SUPPORTED_MODELS": str(mine)})
     assert [m["id"] for m in json.loads(only.stdout)] == [MODEL_ID, "gemma-3-270m"]
+
+
+# -- a reader that goes away (`| head`) ------------------------------------------------------
+def _to_gone_reader(*args: str, gone: str = "stdout") -> subprocess.CompletedProcess[str]:
+    """Run llmlb-node with `gone` (stdout or stderr) a real pipe whose reader has already left:
+    every write to it fails with EPIPE, as after `| head -1` took its line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    other = "stderr" if gone == "stdout" else "stdout"
+    try:
+        done = subprocess.run(
+            [str(LLMLB_NODE), *args],
+            env=dict(os.environ),
+            text=True,
+            timeout=60,  # bounded: a command that keeps going after EPIPE fails here
+            **{gone: write_end, other: subprocess.PIPE},  # type: ignore[call-overload]
+        )
+    finally:
+        os.close(write_end)
+    return done
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("models",), ("models", "--json"), ("status",), ("status", "--json"), ("doctor",)],
+)
+def test_output_to_a_reader_gone_ends_quietly_with_0(world: World, args: tuple[str, ...]) -> None:
+    done = _to_gone_reader(*args)
+    # Before: "error: [Errno 32] Broken pipe" and exit 1.
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_pull_with_its_reader_gone_still_installs(world: World) -> None:
+    world.hub.cdn.rate_limit(600_000)  # half a second: progress lines are written meanwhile
+
+    quiet = _to_gone_reader("pull", MODEL_ID, gone="stderr")  # `pull 2>&1 | head -1`
+    assert (quiet.returncode, quiet.stdout) == (0, f"{world.installed_path()}\n")
+    assert world.installed_path().read_bytes() == world.content
+
+    cli("rm", MODEL_ID)
+    done = _to_gone_reader("pull", MODEL_ID)  # `pull | head -0`: the path has no reader
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == f"tiny: installed ({world.installed_path()})"
+    assert "Traceback" not in done.stderr and "Exception" not in done.stderr
+    assert world.installed_path().read_bytes() == world.content

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 
@@ -109,3 +110,51 @@ def test_a_load_failure_says_what_llama_cpp_said(installed: GemmaWorld) -> None:
     assert line.startswith(f"error: llama.cpp could not load model '{GEMMA_ID}'")
     assert "quantized V cache requires flash_attn" in line  # llama.cpp's own reason
     assert "Traceback" not in done.stderr
+
+
+def _generating(world: GemmaWorld, *args: str) -> subprocess.Popen[bytes]:
+    """`run` with a long generation ahead, returned once its first text has arrived."""
+    proc = subprocess.Popen(
+        ["llmlb-node", "run", GEMMA_ID, PROMPT, "--max-tokens", "1000", "-o", "n_ctx=1100", *args],
+        env={**os.environ, **world.env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.read(1)  # like `head -c 1`: waits for the load and the first token
+    assert first, proc.communicate(timeout=60)
+    assert proc.poll() is None  # still generating when the reader leaves
+    return proc
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_run_stops_quietly_when_its_reader_goes_away(installed: GemmaWorld, chat: bool) -> None:
+    proc = _generating(installed, *(["--chat"] if chat else []))
+    try:
+        proc.stdout.close()  # type: ignore[union-attr]  # `| head` took what it wanted
+        # Bounded: the next token's write fails and generation stops (1000 tokens take far
+        # longer). Before: exit 1 "cannot close this LazyLlama: a stream ... is open".
+        err = proc.stderr.read().decode()  # type: ignore[union-attr]
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    (line,) = err.splitlines()  # our own "loaded" line, nothing about the pipe
+    assert line.startswith("loaded ")
+
+
+def test_ctrl_c_during_generation_exits_130_in_one_line(installed: GemmaWorld) -> None:
+    proc = _generating(installed)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Before: exit 1 and "cannot close this LazyLlama: a stream ... is open".
+    assert proc.returncode == 130, err
+    loaded, interrupted = err.decode().splitlines()
+    assert loaded.startswith("loaded ") and interrupted == "interrupted"
