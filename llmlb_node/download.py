@@ -13,11 +13,13 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -109,7 +111,9 @@ class Downloader:
                 write=s.stall_timeout,
                 pool=None,
             ),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            # No connection is reused: each request's own connection is the one a header deadline
+            # (`send_with_deadline`) can shut down; one handshake per file or range is nothing.
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=0),
             follow_redirects=False,  # we follow them ourselves, to scope credentials per host
             headers={"user-agent": f"llmlb-node/{__version__}", "accept-encoding": "identity"},
             verify=tls,  # http:// never negotiates TLS; https:// always verifies
@@ -238,6 +242,46 @@ def verify_gguf(
             f"but the file has {size}"
         )
     return header
+
+
+def send_with_deadline(
+    client: httpx.Client, request: httpx.Request, deadline: float
+) -> httpx.Response:
+    """`client.send(request, stream=True)`, but the status line and headers must all arrive
+    within `deadline` seconds: httpx's read timeout is per read, so a server trickling a header
+    byte at a time would otherwise hold the request for hours. Past the deadline the socket is
+    shut down and the request fails as a `httpx.ReadTimeout` (a stall)."""
+    streams: list[Any] = []
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            streams.append(info.get("return_value"))
+
+    request.extensions = {**request.extensions, "trace": trace}
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        sock = streams[-1].get_extra_info("socket") if streams else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                # The plain socket's shutdown (SSLSocket's own one would drop its TLS state
+                # under the reading thread): the blocked read wakes up at once.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    timer = threading.Timer(deadline, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return client.send(request, stream=True)
+    except httpx.TransportError as exc:
+        if expired.is_set():
+            raise httpx.ReadTimeout(
+                f"the response headers did not arrive within {deadline:g}s", request=request
+            ) from exc
+        raise
+    finally:
+        timer.cancel()
 
 
 class _HeaderProbe:
@@ -737,7 +781,9 @@ class _HttpTransfer:
             # port, host or scheme loses the secret.
             if self.remote.headers and may_carry_secret(str(request.url), self.remote.auth_origin):
                 request.headers.update(self.remote.headers)
-            response = client.send(request, stream=True)
+            response = send_with_deadline(
+                client, request, self.s.connect_timeout + self.s.stall_timeout
+            )
             if response.status_code not in _REDIRECTS:
                 _read_in_large_blocks(response)
                 return response
@@ -746,6 +792,8 @@ class _HttpTransfer:
             if not location:
                 raise fail(self.remote.source, "http", "redirect without a Location", url)
             url = str(httpx.URL(url).join(location))
+            if httpx.URL(url).scheme not in ("http", "https"):
+                raise fail(self.remote.source, "http", f"redirect to a non-http URL {url}", url)
         raise fail(self.remote.source, "http", "too many redirects", self.url)
 
     # Bookkeeping ---------------------------------------------------------------------------

@@ -38,6 +38,13 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _BATCH = 4096  # strings skipped between GIL releases in a background parse
 _KEEP_ARRAY = 4096  # numeric arrays up to this many items (per-layer values) are kept
+# What a header may make the parser hold, whatever its counts say: a lying file of N bytes could
+# otherwise declare N/24 empty tensor infos (gigabytes of Python objects, minutes of CPU). Real
+# headers hold a few hundred KiB (2,000 tensors, 60 keys); the vocabulary is skipped, not held.
+_MAX_KEPT = 32 * 1024 * 1024  # bytes of keys, strings, tensor infos, charged as below
+_KEY_COST = 64  # a dict entry and its value object
+_TENSOR_COST = 160  # a TensorInfo, its name and shape
+_MAX_STRINGS = 1 << 24  # items of one string array (vocabularies have up to ~1M)
 
 # ggml_type -> (elements per block, bytes per block), as ggml's type traits define them.
 _GGML_TYPES: dict[int, tuple[int, int]] = {
@@ -203,6 +210,7 @@ class _Parser:
         self.pos = 0  # file offset of the next unread byte
         self.metadata: dict[str, Value] = {}
         self.array_lengths: dict[str, int] = {}
+        self.kept = 0  # what the parse holds so far, in `_MAX_KEPT`'s units
 
     # -- the sections ---------------------------------------------------------------------
     def parse(
@@ -220,6 +228,7 @@ class _Parser:
         self._plausible(n_kv * 13 + n_tensors * 24, "key/value and tensor counts")
         for _ in range(n_kv):
             key = self._string()
+            self._keep(_KEY_COST, "metadata")
             (kind,) = _U32.unpack(self._take(4))
             self._value(key, kind)
             if stop is not None and stop(self.metadata):
@@ -268,6 +277,7 @@ class _Parser:
                 width = _SCALARS[item].size
                 self._plausible(n * width, f"array {key!r}")
                 if n <= _KEEP_ARRAY:
+                    self._keep(n * 40, "metadata")  # a tuple of Python numbers
                     raw = self._take(n * width)
                     fmt = struct.Struct(f"<{n}{_SCALARS[item].format[1:]}")
                     self.metadata[key] = fmt.unpack(raw)
@@ -275,6 +285,8 @@ class _Parser:
                     self._skip(n * width)
             elif item == _STRING:
                 self._plausible(n * 8, f"array {key!r}")
+                if n > _MAX_STRINGS:
+                    raise GGUFError(f"array {key!r} declares an implausible {n} strings")
                 self._skip_strings(n)
             else:
                 raise GGUFError(f"array {key!r} of GGUF type {item} is not supported")
@@ -283,6 +295,7 @@ class _Parser:
 
     def _tensor_info(self) -> TensorInfo:
         name = self._string()
+        self._keep(_TENSOR_COST, "tensor infos")
         (n_dims,) = _U32.unpack(self._take(4))
         if n_dims > 8:
             raise GGUFError(f"tensor {name!r} has {n_dims} dimensions")
@@ -306,6 +319,15 @@ class _Parser:
         return TensorInfo(name, tuple(shape), kind, offset, size)
 
     # -- bytes ----------------------------------------------------------------------------
+    def _keep(self, nbytes: int, what: str) -> None:
+        """Charge what the parse is about to hold; a header past the budget is refused."""
+        self.kept += nbytes
+        if self.kept > _MAX_KEPT:
+            raise GGUFError(
+                f"implausible header: its {what} would take more than {_MAX_KEPT >> 20} MiB "
+                f"to hold (stopped at byte {self.pos})"
+            )
+
     def _plausible(self, nbytes: int, what: str) -> None:
         if self.pos + nbytes > self.size:
             raise GGUFError(
@@ -347,6 +369,7 @@ class _Parser:
         (n,) = _U64.unpack(self._take(8))
         if n > 1 << 20:
             raise GGUFError(f"implausible string length {n} at byte {self.pos - 8}")
+        self._keep(n, "strings")  # every string parsed is held: keys, values, tensor names
         return self._take(n).decode("utf-8", "replace")
 
     def _skip_strings(self, n: int) -> None:

@@ -1,0 +1,155 @@
+"""New lying servers (review of issue 8): each must end as the README promises."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from gguf import make_gguf
+from servers import RecordedRequest, Reply, ScriptedServer, honest_reply
+from test_lying_servers import _as_url, _entry, _gets, _nothing_installed
+from world import World
+
+from llmlb_node import ModelDownloadError
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[RecordedRequest], Reply]], ScriptedServer]]:
+    started: list[ScriptedServer] = []
+
+    def start(respond: Callable[[RecordedRequest], Reply]) -> ScriptedServer:
+        started.append(ScriptedServer(respond))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def test_gzip_encoded_gguf_is_refused(world: World, serve: Callable[..., ScriptedServer]) -> None:
+    content = make_gguf(70_000, seed=81)
+    packed = gzip.compress(content)
+    server = serve(
+        lambda rec: Reply(
+            200, {"Content-Encoding": "gzip", "Content-Length": str(len(packed))}, packed
+        )
+    )
+    _as_url(world, server, "gz", "gz.gguf")
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("gz")
+    assert info.value.failures[0].kind == "integrity"
+    assert _nothing_installed(world, "gz")
+
+
+def test_a_redirect_to_a_file_url_fails_at_once(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    server = serve(lambda rec: Reply(302, {"Location": "file:///etc/passwd"}, b""))
+    _as_url(world, server, "fs", "fs.gguf")
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("fs")
+    failure = info.value.failures[0]
+    assert failure.kind == "http" and "non-http" in failure.message
+    assert len(_gets(server)) == 1  # not retried: the answer will not change
+    assert _nothing_installed(world, "fs")
+
+
+def test_a_redirect_loop_ends(world: World, serve: Callable[..., ScriptedServer]) -> None:
+    server = serve(lambda rec: Reply(302, {"Location": rec.path}, b""))
+    _as_url(world, server, "loop", "loop.gguf")
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("loop")
+    assert "too many redirects" in info.value.failures[0].message
+    assert len(_gets(server)) == 11
+
+
+def test_a_206_from_another_offset_is_refused(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    content = make_gguf(200_000, seed=82)
+
+    def answer(rec: RecordedRequest) -> Reply:
+        r = honest_reply(content, rec)
+        if r.status == 206:
+            r.headers["Content-Range"] = f"bytes 100-{len(content) - 1}/{len(content)}"
+            r.headers["Content-Length"] = str(len(content) - 100)
+            r.body = content[100:]
+        return r
+
+    server = serve(answer)
+    _as_url(world, server, "off", "off.gguf")
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("off")
+    assert "asked for byte 0, server sent from 100" in info.value.failures[0].message
+    assert _nothing_installed(world, "off")
+
+
+def _absurd_gguf(n: int) -> bytes:
+    # n tensor infos of 24 bytes each: empty name, 0 dims, type F32, offset 0
+    info = struct.pack("<QIIQ", 0, 0, 0, 0)
+    return b"GGUF" + struct.pack("<IQQ", 3, n, 0) + info * n
+
+
+def test_a_header_declaring_absurd_tensor_counts_is_refused_within_a_memory_bound(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    # 300,000 real (empty) tensor infos: without a bound the parser held one object per 24
+    # bytes of the file (a 48 MB file: +240 MB and 18 s; a 4 GB one would exhaust memory).
+    content = _absurd_gguf(300_000)
+    server = serve(lambda rec: honest_reply(content, rec))
+    _as_url(world, server, "abs", "abs.gguf")
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("abs")
+    failure = info.value.failures[0]
+    assert failure.kind == "integrity" and "implausible header" in failure.message
+    assert _nothing_installed(world, "abs")
+
+
+@pytest.fixture
+def trickle() -> Iterator[str]:
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    stop = threading.Event()
+
+    def conn(c: socket.socket) -> None:
+        try:
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.wait(0.05):
+                c.sendall(b"X")
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=conn, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{lsock.getsockname()[1]}"
+    stop.set()
+    lsock.close()
+
+
+def test_headers_that_never_end_are_a_stall(world: World, trickle: str) -> None:
+    world.monkeypatch.delenv("LLMLB_URL", raising=False)
+
+    _entry(world, "tr", "tr.gguf", sources=[{"type": "url", "url": f"{trickle}/tr.gguf"}])
+    start = time.monotonic()
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver(connect_timeout=0.5, stall_timeout=0.5, max_stalls=2).resolve("tr")
+    elapsed = time.monotonic() - start
+    # Each header byte came within the read timeout: only a deadline on the whole header ends it.
+    assert info.value.failures[0].kind == "stalled"
+    assert elapsed < 10, elapsed
