@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from gguf import make_gguf
+from gguf import make_gguf, sha256_hex
 from servers import RecordedRequest, Reply, ScriptedServer, honest_reply
 from test_lying_servers import _as_url, _entry, _gets, _nothing_installed
 from world import World
@@ -153,3 +153,74 @@ def test_headers_that_never_end_are_a_stall(world: World, trickle: str) -> None:
     # Each header byte came within the read timeout: only a deadline on the whole header ends it.
     assert info.value.failures[0].kind == "stalled"
     assert elapsed < 10, elapsed
+
+
+# -- the Hub's metadata request: our own client, the token on each hop by its exact origin ------
+HF_SECRET = "hf_ReviewOnlyForTheEndpoint42"
+HUB_REPO = "org/m-GGUF"
+
+
+def _hub_entry(world: World, hub_url: str, content: bytes) -> None:
+    world.monkeypatch.setenv("HF_ENDPOINT", hub_url)
+    world.monkeypatch.setenv("HF_TOKEN", HF_SECRET)
+    world.monkeypatch.delenv("LLMLB_URL", raising=False)
+    source = {"type": "huggingface", "repo": HUB_REPO}
+    _entry(world, "hubm", "m.gguf", sources=[source], files=[{"filename": "m.gguf"}])
+
+
+def _hub_head(content: bytes, rec: RecordedRequest) -> Reply:
+    """The Hub's answer for a file it serves itself (no LFS redirect)."""
+    reply = honest_reply(content, rec, etag=f'"{sha256_hex(content)}"')
+    reply.headers["X-Repo-Commit"] = "c" * 40
+    return reply
+
+
+@pytest.mark.parametrize("where", ["another-port", "another-host-name", "same-origin"])
+def test_the_hub_metadata_request_carries_the_token_only_to_hf_endpoints_origin(
+    world: World, serve: Callable[..., ScriptedServer], where: str
+) -> None:
+    content = make_gguf(50_000, seed=83)
+    other = serve(lambda rec: _hub_head(content, rec))  # answers like the Hub, if reached
+
+    def hub_answer(rec: RecordedRequest) -> Reply:
+        if rec.path.startswith("/moved/"):
+            return _hub_head(content, rec)
+        base = {
+            "another-port": other.url,
+            "another-host-name": f"http://localhost:{hub.port}",
+            "same-origin": "",
+        }[where]
+        # A redirect without metadata of its own: a client that follows it with the token
+        # leaks the token there.
+        return Reply(302, {"Location": f"{base}/moved/m.gguf"}, b"")
+
+    hub = serve(hub_answer)
+    _hub_entry(world, hub.url, content)
+
+    try:
+        resolved = world.resolver().resolve("hubm")
+    except ModelDownloadError as exc:
+        assert where != "same-origin", exc
+        assert "did not answer like the Hub" in exc.failures[0].message
+    else:
+        assert where == "same-origin"
+        assert resolved.path.read_bytes() == content
+
+    first = hub.requests[0]
+    assert first.method == "HEAD" and first.authorization == f"Bearer {HF_SECRET}"
+    moved = [r for r in [*hub.requests, *other.requests] if r.path.startswith("/moved/")]
+    if where == "same-origin":
+        assert moved and {r.authorization for r in moved} == {f"Bearer {HF_SECRET}"}
+    else:
+        # huggingface_hub's client does not follow it either; ours never sends the token there
+        assert {r.authorization for r in moved} <= {None}
+
+
+def test_hub_metadata_headers_that_never_end_are_bounded(world: World, trickle: str) -> None:
+    # huggingface_hub's client (per-read timeout) waited on this for as long as bytes trickled.
+    _hub_entry(world, trickle, b"")
+    start = time.monotonic()
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver(connect_timeout=0.5, stall_timeout=0.5, max_retries=2).resolve("hubm")
+    assert info.value.failures[0].kind == "stalled"
+    assert time.monotonic() - start < 10

@@ -1,4 +1,5 @@
-"""The Hugging Face Hub as a source: huggingface_hub for URLs, auth and file metadata.
+"""The Hugging Face Hub as a source: huggingface_hub builds URLs and finds the token; the file
+metadata request (HEAD /resolve) is our own, so the token obeys `may_carry_secret` on every hop.
 
 The bytes themselves stream through our downloader from the location the Hub redirects to; the
 token goes only to HF_ENDPOINT's origin (scheme, host, port), never to the CDN it redirects to.
@@ -9,12 +10,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
+from dataclasses import dataclass
+
+import httpx
 
 from .. import __version__
 from ..catalog import ModelEntry, ModelFile
-from ..errors import CatalogError, SourceError
-from ..origin import may_carry_secret
+from ..errors import CatalogError
+from ..origin import Origin, may_carry_secret
 from ..settings import Settings
 from .base import Remote, Source, check_origin, fail
 from .http_errors import describe_exception
@@ -22,7 +25,9 @@ from .http_errors import describe_exception
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_RETRYABLE = {429, 500, 502, 503, 504}
+_RETRYABLE = {408, 429, 500, 502, 503, 504}
+_REDIRECTS = {301, 302, 303, 307, 308}
+_MAX_REDIRECTS = 10
 
 
 class HuggingFaceSource(Source):
@@ -38,7 +43,7 @@ class HuggingFaceSource(Source):
         settings = self.settings
         if settings.hf_offline:
             raise fail(self.label, "offline", "HF_HUB_OFFLINE is set: the Hub is not contacted")
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub import hf_hub_url
 
         try:
             url = hf_hub_url(
@@ -48,10 +53,10 @@ class HuggingFaceSource(Source):
             raise CatalogError(f"model {entry.id!r}: {exc}") from exc
         check_origin(self.label, url, settings.origin_allowlist)
         token = self._token() if may_carry_secret(url, settings.hf_endpoint) else None
-        meta = self._metadata(get_hf_file_metadata, url, token)
+        meta = self._metadata(url, token)
         if not meta.commit_hash and not meta.etag:
-            # huggingface_hub returns empty metadata for a 200 HTML page (a portal, a proxy's
-            # error page) instead of raising: that is not the Hub.
+            # A 200 HTML page (a portal, a proxy's error page) has none of the Hub's
+            # headers: that is not the Hub.
             raise fail(
                 self.label,
                 "http",
@@ -92,95 +97,149 @@ class HuggingFaceSource(Source):
         except Exception:  # noqa: BLE001 - a broken token file must not break anonymous access
             return None
 
-    def _metadata(self, get_metadata: Any, url: str, token: str | None) -> Any:
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            GatedRepoError,
-            HfHubHTTPError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
+    def _metadata(self, url: str, token: str | None) -> _FileMetadata:
+        """The Hub's HEAD /resolve answer, retried on 429/5xx and transport errors."""
         attempts = self.settings.max_retries
         for attempt in range(1, attempts + 1):
             try:
-                return get_metadata(
-                    url,
-                    token=token or False,
-                    timeout=self.settings.connect_timeout,
-                    library_name="llmlb-node",
-                    library_version=__version__,
-                )
-            except GatedRepoError as exc:
-                raise fail(
-                    self.label,
-                    "forbidden",
-                    f"{self.repo} is gated: accept its license at "
-                    f"{self.settings.hf_endpoint}/{self.repo} and set HF_TOKEN",
-                    url,
-                ) from exc
-            except RepositoryNotFoundError as exc:
-                status = _status(exc)
-                advice = (
-                    "set HF_TOKEN if it is private"
-                    if not token
-                    else "check the repo name and that HF_TOKEN can read it"
-                )
-                raise fail(
-                    self.label,
-                    "not_found",
-                    f"repository {self.repo} not found or not accessible (HTTP {status}): {advice}",
-                    url,
-                ) from exc
-            except (EntryNotFoundError, RevisionNotFoundError) as exc:
-                raise fail(
-                    self.label,
-                    "not_found",
-                    f"{_file_of(url)} not found in {self.repo} at revision {self.revision} "
-                    f"(HTTP {_status(exc)})",
-                    url,
-                ) from exc
-            except HfHubHTTPError as exc:
-                status = _status(exc)
-                if status in (401, 403):
-                    raise fail(
-                        self.label,
-                        "unauthorized" if status == 401 else "forbidden",
-                        f"HTTP {status} for {self.repo}: set HF_TOKEN, or accept the model's "
-                        f"license at {self.settings.hf_endpoint}/{self.repo}",
-                        url,
-                    ) from exc
-                if status not in _RETRYABLE or attempt == attempts:
-                    raise fail(self.label, "http", f"HTTP {status} from the Hub", url) from exc
-                self._backoff(attempt, exc)
-            except SourceError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - transport errors of huggingface_hub's client
+                return self._head(url, token)
+            except _RetryableHub as exc:
+                if attempt == attempts:
+                    raise fail(self.label, "http", f"HTTP {exc.status} from the Hub", url) from exc
+                self._backoff(attempt, exc, exc.retry_after)
+            except httpx.HTTPError as exc:
                 kind, message = describe_exception(exc)
-                if kind not in ("network", "timeout") or attempt == attempts:
+                if kind not in ("network", "timeout", "stalled") or attempt == attempts:
                     raise fail(self.label, kind, message, url) from exc
-                self._backoff(attempt, exc)
+                self._backoff(attempt, exc, None)
         raise AssertionError("unreachable")
 
-    def _backoff(self, attempt: int, exc: BaseException) -> None:
+    def _head(self, url: str, token: str | None) -> _FileMetadata:
+        """HEAD `url` the way huggingface_hub's `get_hf_file_metadata` does, with our own client:
+        a redirect within the same origin is followed, one elsewhere (the CDN) carries the
+        metadata itself and is not. The token rides each hop only if `may_carry_secret` allows
+        it for that hop's exact URL, so no redirect (to huggingface.co, another port, http)
+        takes it anywhere but HF_ENDPOINT's origin."""
+        from ..download import send_with_deadline
+
+        settings = self.settings
+        deadline = settings.connect_timeout + settings.stall_timeout
+        with httpx.Client(
+            timeout=httpx.Timeout(settings.connect_timeout, read=settings.stall_timeout),
+            follow_redirects=False,
+            headers={"user-agent": f"llmlb-node/{__version__}", "accept-encoding": "identity"},
+            # Only a same-origin redirect is followed, so the scheme never changes: plain http
+            # skips building a TLS context (tens of milliseconds loading the CA bundle).
+            verify=url.startswith("https:"),
+        ) as client:
+            for _ in range(_MAX_REDIRECTS + 1):
+                headers = {}
+                if token and may_carry_secret(url, settings.hf_endpoint):
+                    headers["authorization"] = f"Bearer {token}"
+                request = client.build_request("HEAD", url, headers=headers)
+                response = send_with_deadline(client, request, deadline)
+                response.close()
+                self._raise_for_status(response, url, token)
+                location = response.headers.get("location")
+                if response.status_code in _REDIRECTS and location:
+                    target = str(httpx.URL(url).join(location))
+                    if Origin.of(target) is not None and Origin.of(target) == Origin.of(url):
+                        url = target  # a rename or a revision redirect on the Hub itself
+                        continue
+                    return _FileMetadata.of(response, target)
+                return _FileMetadata.of(response, url)
+        raise fail(self.label, "http", "too many redirects", url)
+
+    def _raise_for_status(self, response: httpx.Response, url: str, token: str | None) -> None:
+        """The Hub's errors, told apart by status and X-Error-Code as huggingface_hub does."""
+        status = response.status_code
+        if status < 400:
+            return
+        code = response.headers.get("x-error-code", "")
+        message = response.headers.get("x-error-message", "")
+        if code == "GatedRepo":
+            raise fail(
+                self.label,
+                "forbidden",
+                f"{self.repo} is gated: accept its license at "
+                f"{self.settings.hf_endpoint}/{self.repo} and set HF_TOKEN",
+                url,
+            )
+        if code == "RepoNotFound":
+            advice = (
+                "set HF_TOKEN if it is private"
+                if not token
+                else "check the repo name and that HF_TOKEN can read it"
+            )
+            raise fail(
+                self.label,
+                "not_found",
+                f"repository {self.repo} not found or not accessible (HTTP {status}): {advice}",
+                url,
+            )
+        if code in ("EntryNotFound", "RevisionNotFound"):
+            raise fail(
+                self.label,
+                "not_found",
+                f"{_file_of(url)} not found in {self.repo} at revision {self.revision} "
+                f"(HTTP {status})",
+                url,
+            )
+        if status in (401, 403):
+            raise fail(
+                self.label,
+                "unauthorized" if status == 401 else "forbidden",
+                f"HTTP {status} for {self.repo}: set HF_TOKEN, or accept the model's "
+                f"license at {self.settings.hf_endpoint}/{self.repo}",
+                url,
+            )
+        if status in _RETRYABLE:
+            raise _RetryableHub(status, _parse_seconds(response.headers.get("retry-after")))
+        detail = f": {message}" if message else ""
+        raise fail(self.label, "http", f"HTTP {status} from the Hub{detail}", url)
+
+    def _backoff(self, attempt: int, exc: BaseException, retry_after: float | None) -> None:
         delay = min(self.settings.retry_backoff * 2 ** (attempt - 1), 8.0)
-        retry_after = _retry_after(exc)
         if retry_after is not None:
             delay = min(retry_after, 60.0)
         log.info("%s: %s; retrying in %.1fs (attempt %d)", self.label, exc, delay, attempt + 1)
         time.sleep(delay)
 
 
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
+class _RetryableHub(Exception):
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.retry_after = retry_after
 
 
-def _retry_after(exc: BaseException) -> float | None:
-    response = getattr(exc, "response", None)
-    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
+@dataclass(frozen=True)
+class _FileMetadata:
+    """What the Hub's HEAD /resolve says of a file (huggingface_hub's `HfFileMetadata`)."""
+
+    commit_hash: str | None
+    etag: str | None
+    location: str
+    size: int | None
+
+    @classmethod
+    def of(cls, response: httpx.Response, location: str) -> _FileMetadata:
+        h = response.headers
+        etag = h.get("x-linked-etag") or h.get("etag")
+        size = h.get("x-linked-size") or (
+            None if response.status_code in _REDIRECTS else h.get("content-length")
+        )
+        return cls(
+            commit_hash=h.get("x-repo-commit"),
+            etag=etag.strip().removeprefix("W/").strip('"') if etag else None,
+            location=location,
+            size=int(size) if size and size.strip().isdigit() else None,
+        )
+
+
+def _parse_seconds(value: str | None) -> float | None:
     try:
-        return float(value) if value is not None else None
+        return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
 
