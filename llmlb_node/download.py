@@ -407,6 +407,7 @@ class _HttpTransfer:
         self.probe = _HeaderProbe(self.fd, enabled=_is_gguf_name(self.file.filename))
 
     def _restart(self) -> None:
+        self.partial.generation += 1  # before a byte is overwritten: readers stop here
         self.saver.stop()  # no sidecar for the old bytes may land after this
         self.saver = _Background(self._save, "llmlb-sidecar")
         self.cancel.clear()
@@ -682,6 +683,7 @@ class _HttpTransfer:
                     raise _RangesIgnored()
                 # One stream restarted by a server that ignores Range: start the file again.
                 log.info("%s ignored Range; restarting %s from 0", self.url, self.file.filename)
+                self.partial.generation += 1
                 seg[2] = 0
                 self._new_probe()
                 if self.hasher is not None:

@@ -69,11 +69,20 @@ class Filling:
     """A file this process is downloading now: its partial file, and what it will hold."""
 
     partial: Partial
-    size: int | None
-    """The file's exact length as the source (or the catalog) states it before the transfer;
-    None when only an approximate size is known."""
+    declared: int | None
+    """The file's exact length as the source (or the catalog's exact `files[].size_bytes`)
+    states it before the transfer; never the catalog's approximate size."""
     sha256: str | None
     """The sha256 the finished file must have (the catalog's, else the source's)."""
+
+    @property
+    def size(self) -> int | None:
+        """The exact length, once known: declared, else the one the server's answer stated
+        (what a reader may promise as Content-Length); None until then."""
+        if self.declared is not None:
+            return self.declared
+        learned = self.partial.meta.get("size")
+        return learned if isinstance(learned, int) and not isinstance(learned, bool) else None
 
     @property
     def verified(self) -> int:

@@ -97,6 +97,10 @@ class Partial:
     """Bytes at the start of the file written and hashed in order, kept in memory by the
     downloader while it runs: what a reader may serve before the download ends (a node feeding
     another); the whole file is checked against its sha256 only at the end."""
+    generation: int = field(default=0, compare=False)
+    """Bumped before the downloader overwrites bytes it held (a restart, a server that ignored
+    Range) or the file is discarded: a reader that served bytes of an older generation must
+    not go on with this one's (that would splice two versions)."""
 
     def save(self, durable: bool = False) -> None:
         """Write the sidecar; `durable` waits until it is on disk (it vouches for bytes)."""
@@ -114,6 +118,7 @@ class Partial:
         return sum(s[2] - s[0] for s in self.meta.get("segments", []))
 
     def discard(self) -> None:
+        self.generation += 1
         for p in (self.path, self.meta_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -141,13 +141,12 @@ async def _pull_through(request: Request, entry: ModelEntry, file: ModelFile) ->
     bytes as far as they are verified in order; a range past them waits for them."""
     resolver: ModelResolver = request.state.pool.resolver
     task = request.state.feeds.download(entry.id)
-    filling = await _size_known(resolver, entry.id, file.filename, task)
-    if filling is None:  # installed before a byte could be followed: serve the file
+    known = await _size_known(resolver, entry.id, file.filename, task)
+    if known is None:  # installed before a byte could be followed: serve the file
         served = await asyncio.to_thread(installed_file, resolver, entry.id, file.filename)
         assert served is not None
         return file_response(served)
-    size = filling.size
-    assert size is not None
+    filling, generation, size = known
     headers = {
         "accept-ranges": "bytes",
         "content-type": "application/octet-stream",
@@ -163,7 +162,7 @@ async def _pull_through(request: Request, entry: ModelEntry, file: ModelFile) ->
     headers["content-length"] = str(end + 1 - start)
     if status == 206:
         headers["content-range"] = f"bytes {start}-{end}/{size}"
-    follower = _Follower(resolver, entry.id, file.filename, filling, task)
+    follower = _Follower(resolver, entry.id, file.filename, filling, task, generation, size)
     try:
         await follower.open()
         # Until the first byte is there, a failed download can still be a 502 (after it, only
@@ -183,13 +182,17 @@ async def _pull_through(request: Request, entry: ModelEntry, file: ModelFile) ->
 
 async def _size_known(
     resolver: ModelResolver, model_id: str, filename: str, task: asyncio.Future[ResolvedModel]
-) -> Filling | None:
-    """The download of `filename` once its final size is known; None if it finished first.
-    Raises the download's error (ModelDownloadError: 502) if it failed."""
+) -> tuple[Filling, int, int] | None:
+    """The download of `filename` once its exact size is known, with the generation of the
+    partial file that size belongs to; None if it finished first. Raises the download's error
+    (ModelDownloadError: 502) if it failed."""
     while True:
         filling = resolver.filling(model_id, filename)
-        if filling is not None and filling.size is not None:
-            return filling
+        if filling is not None:
+            generation = filling.partial.generation  # read before the size it vouches for
+            size = filling.size
+            if size is not None and filling.partial.generation == generation:
+                return filling, generation, size
         if task.done():
             task.result()
             return None
@@ -233,6 +236,8 @@ class _Follower:
         filename: str,
         filling: Filling,
         task: asyncio.Future[ResolvedModel],
+        generation: int,
+        size: int,
     ) -> None:
         self.resolver = resolver
         self.model_id = model_id
@@ -241,6 +246,10 @@ class _Follower:
         self.task = task
         self.path = filling.partial.path
         self.fd = -1
+        self.generation = generation
+        self.size = size
+        """Promised in the response's headers: every byte sent must be of the version of the
+        file that size belongs to (this partial, never rewritten, or the file it became)."""
 
     async def open(self) -> None:
         """Open the partial file now: the download renames it into place when it ends."""
@@ -249,8 +258,13 @@ class _Follower:
         except FileNotFoundError:  # it just ended (or moved on to another source)
             await asyncio.wait({self.task})
             self.task.result()
-            await self._switch_to_installed()
-            self.fd = await asyncio.to_thread(os.open, self.path, os.O_RDONLY)
+            served = await asyncio.to_thread(
+                installed_file, self.resolver, self.model_id, self.filename
+            )
+            if served is None or served.size != self.size:  # not the version promised
+                raise _VersionChanged(f"{self.filename}: installed from other bytes") from None
+            self.filling = None
+            await self._reopen(served.path)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -272,6 +286,7 @@ class _Follower:
                     data = await asyncio.to_thread(os.pread, self.fd, n, pos)
                     if not data:
                         raise OSError(f"{self.path} ends at byte {pos}")
+                    self._check_same()  # the read may have met a restart: checked after it
                     pos += len(data)
                     yield data
                 else:
@@ -282,22 +297,30 @@ class _Follower:
     def _ready(self) -> int:
         return 1 << 62 if self.filling is None else self.filling.verified
 
+    def _check_same(self) -> None:
+        """End the response short (the client resumes and checks what it holds) rather than
+        go on with bytes of another version than those already sent."""
+        if self.filling is not None and self.filling.partial.generation != self.generation:
+            raise _VersionChanged(f"{self.path}: the download started the file again")
+
     async def _wait_for_more(self, pos: int) -> None:
         if self.task.done():
             self.task.result()  # the download failed: end this response short
             if self.filling is not None and self.filling.verified <= pos:
                 await self._switch_to_installed()
             return
+        self._check_same()
         now = self.resolver.filling(self.model_id, self.filename)
         if now is not None and now is not self.filling:
             await self._switch(now)
         await asyncio.wait({self.task}, timeout=POLL_S)
 
     async def _switch(self, filling: Filling) -> None:
-        """Another partial file now takes the bytes (the next source, after one failed)."""
-        self.filling = filling
-        if filling.partial.path != self.path:
-            await self._reopen(filling.partial.path)
+        """Another partial file now takes the bytes (the next source, after one failed): it
+        may hold another version than the one this response promised, so the response ends
+        (before its first byte: an error the client retries; after: a short body it resumes,
+        checking what it holds)."""
+        raise _VersionChanged(f"{self.filename}: the download moved to {filling.partial.path}")
 
     async def _switch_to_installed(self) -> None:
         served = await asyncio.to_thread(
@@ -305,6 +328,12 @@ class _Follower:
         )
         if served is None:
             raise OSError(f"{self.model_id}/{self.filename}: downloaded but not installed")
+        # Only the very file this response read from, renamed into place and never rewritten,
+        # may finish it.
+        same = await asyncio.to_thread(_same_file, self.fd, served.path)
+        rewritten = self.filling is not None and self.filling.partial.generation != self.generation
+        if not same or rewritten:
+            raise _VersionChanged(f"{self.filename}: installed from other bytes")
         self.filling = None
         await self._reopen(served.path)
 
@@ -312,3 +341,15 @@ class _Follower:
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         self.close()
         self.fd, self.path = fd, path
+
+
+class _VersionChanged(OSError):
+    """The bytes after those already sent would be of another version: end the body short."""
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

@@ -259,3 +259,40 @@ def test_a_file_of_unknown_exact_size_is_served_once_it_is_installed(world: Worl
 
     assert whole.status_code == 200 and whole.content == content
     assert whole.headers["content-length"] == str(len(content))
+
+
+@pytest.mark.parametrize("approx", [5_000_000, 6 * 1024 * 1024], ids=["wrong", "v1"])
+def test_pull_through_never_splices_two_versions_when_node_a_starts_again(
+    world: World, tmp_path: Path, approx: int
+) -> None:
+    """Node A's source (no ETag, no sha256) drops at 5 MiB, then serves another version: A
+    starts the file again. Node B, which already got A's first 4 MiB of version 1, must not get
+    version 2's bytes after them (a splice that passes every size check): its stream ends short,
+    it resumes with an overlap that no longer matches, and installs version 2 whole."""
+    from servers import Reply, ScriptedServer, honest_reply
+
+    v1 = make_gguf(6 * 1024 * 1024, seed=91)
+    v2 = make_gguf(7 * 1024 * 1024, seed=92)
+    gets = []
+
+    def answer(rec) -> Reply:  # noqa: ANN001
+        gets.append(rec)
+        if len(gets) == 1:
+            return Reply(200, {"Content-Length": str(len(v1))}, v1, cut=5 * 1024 * 1024, rate=8e6)
+        return honest_reply(v2, rec)
+
+    server = ScriptedServer(answer)
+    try:
+        entry = world.add_model("chg", {"chg.gguf": b""}, on_hub=False, on_proxy=False)
+        # The catalog's size is approximate (wrong, or v1's): A promises B only the size its
+        # source states, never this one (which made A answer 416, or a v1-sized splice).
+        entry.update(sources=[{"type": "url", "url": f"{server.url}/chg.gguf"}], size_bytes=approx)
+        world.write_catalog()
+        with running_node(api_key=KEY) as a:
+            resolved = _b_resolver(world, a.url, tmp_path / "b").resolve("chg")
+            got = resolved.path.read_bytes()
+    finally:
+        server.close()
+
+    assert len(gets) >= 2  # A really started again on version 2
+    assert got == v2
