@@ -53,6 +53,7 @@ _SAVE_FRACTION = 64  # ...or every 1/64 of the file, whichever comes first,
 _SAVE_MIN_GAP = 0.05  # but no more often than this (each save waits for an fsync)
 _OVERLAP = 64 * 1024  # a resume without a strong validator re-reads this much and compares
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted at a partial's path is not followed
 _PROBE_S = 0.25  # how long one connection runs before deciding whether to split the file
 _MIN_PART = 1024 * 1024  # never split into parts smaller than this
 
@@ -206,7 +207,8 @@ class Downloader:
         total = remote.size
         buf = bytearray(_HASH_BLOCK)
         view = memoryview(buf)
-        with open(partial.path, "w+b") as out:  # readable too: the header probe reads it
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | _NOFOLLOW
+        with open(os.open(partial.path, flags, 0o644), "w+b") as out:  # the probe reads it too
             probe = _HeaderProbe(out.fileno(), enabled=_is_gguf_name(file.filename))
             try:
                 for part in remote.parts:
@@ -373,7 +375,7 @@ class _HttpTransfer:
             )
         else:
             meta.clear()
-        self.fd = os.open(self.partial.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(self.partial.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
         self._new_probe()
         try:
             try:
@@ -776,6 +778,10 @@ class _HttpTransfer:
     def _open(self, start: int, end: int | None) -> httpx.Response:
         url = self.url
         for _ in range(_MAX_REDIRECTS + 1):
+            # Every URL, the first (a Hub's Location) and each redirect, must be http(s):
+            # file:, ftp: and the like are refused at once, never retried.
+            if _scheme(url) not in ("http", "https"):
+                raise fail(self.remote.source, "http", f"not an http(s) URL: {url}", url)
             headers = {"range": f"bytes={start}-{'' if end is None else end}"}
             client = self.d.client(url)
             request = client.build_request("GET", url, headers=headers)
@@ -793,9 +799,11 @@ class _HttpTransfer:
             response.close()
             if not location:
                 raise fail(self.remote.source, "http", "redirect without a Location", url)
-            url = str(httpx.URL(url).join(location))
-            if httpx.URL(url).scheme not in ("http", "https"):
-                raise fail(self.remote.source, "http", f"redirect to a non-http URL {url}", url)
+            try:
+                url = str(httpx.URL(url).join(location))
+            except httpx.InvalidURL as exc:
+                message = f"bad redirect Location: {exc}"
+                raise fail(self.remote.source, "http", message, url) from exc
         raise fail(self.remote.source, "http", "too many redirects", self.url)
 
     # Bookkeeping ---------------------------------------------------------------------------
@@ -1042,6 +1050,13 @@ def can_resume(meta: dict, remote: Remote, file: ModelFile) -> bool:
     if remote.validator and known:
         return bool(known == remote.validator)
     return meta.get("source") == remote.source or bool(remote.sha256 or file.sha256)
+
+
+def _scheme(url: str) -> str | None:
+    try:
+        return httpx.URL(url).scheme
+    except httpx.InvalidURL:
+        return None
 
 
 def _is_gguf_name(filename: str) -> bool:

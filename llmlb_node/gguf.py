@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -132,11 +133,21 @@ class GGUFHeader:
 def read_header(path: str | os.PathLike[str], *, tensors: bool = True) -> GGUFHeader:
     """Parse the header of the GGUF at `path`; raise `GGUFError` (malformed or cut short)
     or `OSError`. With ``tensors=False`` it stops after the metadata (data fields are 0)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         return _Parser(fd).parse(tensors=tensors)
     finally:
         os.close(fd)
+
+
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """Open `path` for reading, refusing anything but a regular file (after symlinks): a FIFO
+    named ``model.gguf`` would block the open forever, a device read without end."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise GGUFError(f"{os.fspath(path)} is not a regular file")
+    return fd
 
 
 def read_header_prefix(fd: int, available: int) -> GGUFHeader | None:
@@ -176,7 +187,7 @@ def ggml_type_bytes(ggml_type: int, n_elements: int) -> int:
 def block_count(path: str | os.PathLike[str]) -> int | None:
     """The model's layer count from its GGUF header, or None if it cannot be read."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path)
         try:
             parser = _Parser(fd)
             parser.parse(tensors=False, stop=_has_block_count)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import gzip
+import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from gguf import make_gguf, sha256_hex
 from servers import RecordedRequest, Reply, ScriptedServer, honest_reply
-from test_lying_servers import _as_url, _entry, _gets, _nothing_installed
-from world import World
+from test_lying_servers import LLMLB_NODE, _as_url, _entry, _gets, _nothing_installed
+from world import FILENAME, MODEL_ID, World
 
 from llmlb_node import ModelDownloadError
 
@@ -54,7 +57,7 @@ def test_a_redirect_to_a_file_url_fails_at_once(
     with pytest.raises(ModelDownloadError) as info:
         world.resolver().resolve("fs")
     failure = info.value.failures[0]
-    assert failure.kind == "http" and "non-http" in failure.message
+    assert failure.kind == "http" and "not an http(s) URL" in failure.message
     assert len(_gets(server)) == 1  # not retried: the answer will not change
     assert _nothing_installed(world, "fs")
 
@@ -224,3 +227,100 @@ def test_hub_metadata_headers_that_never_end_are_bounded(world: World, trickle: 
         world.resolver(connect_timeout=0.5, stall_timeout=0.5, max_retries=2).resolve("hubm")
     assert info.value.failures[0].kind == "stalled"
     assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("location", ["http://[::1", "//[zz]/x", "http://127.0.0.1:99999/x"])
+def test_an_unparsable_redirect_is_a_typed_failure_and_the_chain_goes_on(
+    world: World, serve: Callable[..., ScriptedServer], location: str
+) -> None:
+    # A Location httpx cannot parse (or a port out of range) fails this source as a typed,
+    # bounded failure, never a raw exception that would end the chain before the proxy.
+    server = serve(lambda rec: Reply(302, {"Location": location}, b""))
+    _entry(world, MODEL_ID, FILENAME, sources=[{"type": "url", "url": f"{server.url}/m.gguf"}])
+
+    resolved = world.resolver().resolve(MODEL_ID)
+
+    assert resolved.source == "llmlb-proxy"
+    assert resolved.path.read_bytes() == world.content
+
+
+def test_an_unparsable_hub_redirect_is_a_typed_failure(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    hub = serve(lambda rec: Reply(302, {"Location": "http://[::1"}, b""))
+    _hub_entry(world, hub.url, b"")
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("hubm")
+    # httpx itself refuses the Location (a protocol error): retried a bounded number of times.
+    assert info.value.failures[0].kind in ("http", "network"), info.value
+    assert len(hub.requests) <= 5
+
+
+def test_a_fifo_named_model_gguf_never_blocks(world: World) -> None:
+    # A hand-placed "model.gguf" that is a FIFO (or a symlink to one): opening it to check its
+    # header blocked forever, so `path`, `models` and every resolve of the id hung.
+    model_dir = world.models_dir / "fifo"
+    model_dir.mkdir(parents=True)
+    os.mkfifo(model_dir / "model.gguf")
+    (model_dir / "link").mkdir()
+    os.symlink(model_dir / "model.gguf", model_dir / "link" / "x")
+    _entry(world, "fifo", "fifo.gguf", sources=[])
+
+    done = subprocess.run(
+        [str(LLMLB_NODE), "path", "fifo"], env=dict(os.environ), capture_output=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    assert b"Traceback" not in done.stderr
+    assert not gguf_check_ok(model_dir / "link" / "x")
+
+
+def gguf_check_ok(path: Path) -> bool:
+    from llmlb_node.gguf import GGUFError, check_complete
+
+    try:
+        check_complete(path)
+    except GGUFError:
+        return False
+    return True
+
+
+def test_x_linked_size_disagreeing_with_the_body_is_an_integrity_error(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    content = make_gguf(50_000, seed=84)
+
+    def answer(rec: RecordedRequest) -> Reply:
+        reply = _hub_head(content, rec)
+        reply.headers["ETag"] = '"not-a-sha256-' + "a" * 50 + '"'  # a validator, no digest
+        reply.headers["X-Linked-Size"] = "40000"
+        return reply
+
+    hub = serve(answer)
+    _hub_entry(world, hub.url, content)
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("hubm")
+    failure = info.value.failures[0]
+    assert failure.kind == "integrity" and "40000" in failure.message
+    assert _nothing_installed(world, "hubm")
+
+
+def test_a_content_range_total_changing_between_requests_is_never_trimmed_or_padded(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    short = make_gguf(300_000, seed=85)
+    longer = short + b"\0" * 100_000  # the same bytes, then more: a trim or a pad would pass
+    served: list[bytes] = []
+
+    def answer(rec: RecordedRequest) -> Reply:
+        content = short if not served else longer
+        served.append(content)
+        reply = honest_reply(content, rec)
+        if len(served) == 1:
+            reply.cut = 200_000
+        return reply
+
+    server = serve(answer)
+    _as_url(world, server, "grow", "grow.gguf")
+    resolved = world.resolver().resolve("grow")
+    assert resolved.path.read_bytes() == longer  # the version served whole, never short[:...]
+    assert len(served) >= 3  # the resume saw the total change and started again

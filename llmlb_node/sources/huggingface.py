@@ -142,7 +142,10 @@ class HuggingFaceSource(Source):
                 self._raise_for_status(response, url, token)
                 location = response.headers.get("location")
                 if response.status_code in _REDIRECTS and location:
-                    target = str(httpx.URL(url).join(location))
+                    try:
+                        target = str(httpx.URL(url).join(location))
+                    except httpx.InvalidURL as exc:
+                        raise fail(self.label, "http", f"bad Location: {exc}", url) from exc
                     if Origin.of(target) is not None and Origin.of(target) == Origin.of(url):
                         url = target  # a rename or a revision redirect on the Hub itself
                         continue
