@@ -256,8 +256,9 @@ def send_with_deadline(
     streams: list[Any] = []
 
     def trace(event: str, info: dict[str, Any]) -> None:
-        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
-            streams.append(info.get("return_value"))
+        stream = info.get("return_value")
+        if event.endswith(("connect_tcp.complete", "start_tls.complete")) and stream is not None:
+            streams.append(stream)
 
     request.extensions = {**request.extensions, "trace": trace}
     expired = threading.Event()
