@@ -676,6 +676,14 @@ class _HttpTransfer:
             raise fail(
                 self.remote.source, "http", f"HTTP {status} for {self.file.filename}", self.url
             )
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # We ask for identity: a compressed body is not the file's bytes, whatever its name
+            # (a GGUF's magic check would catch it, a non-GGUF file without a sha256 would not).
+            raise IntegrityError(
+                f"{self.file.filename}: {self.remote.source} sent it with Content-Encoding "
+                f"{encoding!r}, not the file's own bytes"
+            )
         self._check_validator(response, seg)
         if status == 200:
             length = _int_header(response, "content-length")

@@ -49,6 +49,22 @@ def test_gzip_encoded_gguf_is_refused(world: World, serve: Callable[..., Scripte
     assert _nothing_installed(world, "gz")
 
 
+def test_a_compressed_body_is_never_installed_whatever_the_file(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    # A non-GGUF file without a sha256: no magic number to catch gzip, only the encoding says.
+    content = b"tokenizer data " * 2000
+    packed = gzip.compress(content)
+    headers = {"Content-Encoding": "gzip", "Content-Length": str(len(packed))}
+    server = serve(lambda rec: Reply(200, headers, packed))
+    _as_url(world, server, "gzbin", "vocab.bin")
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("gzbin")
+    failure = info.value.failures[0]
+    assert failure.kind == "integrity" and "Content-Encoding 'gzip'" in failure.message
+    assert not (world.models_dir / "gzbin" / "vocab.bin").exists()
+
+
 def test_a_redirect_to_a_file_url_fails_at_once(
     world: World, serve: Callable[..., ScriptedServer]
 ) -> None:
