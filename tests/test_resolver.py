@@ -502,6 +502,29 @@ def test_aresolve_runs_in_a_worker_thread_while_the_loop_keeps_ticking(world: Wo
     assert max(gaps) < took / 2, (max(gaps), took)
 
 
+def test_cancelling_aresolve_leaves_the_download_running_to_the_end(world: World) -> None:
+    import asyncio
+
+    world.hub.cdn.rate_limit(300_000)  # the 300 kB file takes about a second
+    resolver = world.resolver()
+    events: list[str] = []
+
+    async def main() -> None:
+        task = asyncio.create_task(
+            resolver.aresolve(MODEL_ID, progress=lambda e: events.append(e.stage))
+        )
+        while "downloading" not in events:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())  # waits for the worker thread: the download was not stopped
+
+    assert resolver.path(MODEL_ID).read_bytes() == world.content
+    assert resolver.status(MODEL_ID).status == "completed"
+
+
 def test_remove_refuses_while_this_process_downloads_the_model(world: World) -> None:
     import threading
 

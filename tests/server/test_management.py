@@ -164,7 +164,7 @@ def test_metrics_count_requests_downloads_and_resolves(world: World) -> None:
     assert value("llmlb_downloaded_bytes_total", source=source) == len(world.content)
     assert value("llmlb_resolves_total", outcome="downloaded") == 1
     assert value("llmlb_loaded_models") == 0
-    assert not any(name.startswith("python_") for name, _ in samples)  # not the global registry
+    assert not any(name.startswith(("python_", "process_")) for name, _ in samples)  # own registry
 
 
 def test_each_app_has_its_own_registry() -> None:
