@@ -610,6 +610,7 @@ class ModelResolver:
         downloader = self._get_downloader()
         ready: dict[str, Fetched] = {}
         failures: list[SourceFailure] = []
+        disk_errors: list[InsufficientDiskSpaceError] = []
         stale_after = self._stale_after()
         for source in self._sources(entry):
             try:
@@ -641,6 +642,14 @@ class ModelResolver:
             except DownloadStalledError as exc:
                 failures.append(SourceFailure(exc.source, "stalled", str(exc)))
                 log.info("%s: %s [stalled]", entry.id, exc)
+                continue
+            except InsufficientDiskSpaceError as exc:
+                # The size behind this may be one only this server stated (a lying one can claim
+                # a petabyte): it is this source's failure, and the next source may fit. When
+                # no source succeeds, the disk error itself is raised below.
+                disk_errors.append(exc)
+                failures.append(SourceFailure(source.label, "disk", str(exc)))
+                log.info("%s: %s: %s [disk]", entry.id, source.label, exc)
                 continue
             monitor.stage("verifying")
             if store.lookup(entry.id, entry) is None:  # else another writer won the race
@@ -686,6 +695,8 @@ class ModelResolver:
                 _fallback_note(failures),
             )
             return self._finish(entry, record, monitor, source.label)
+        if disk_errors:  # no source fitted: the disk is what the user must act on (exit 5)
+            raise disk_errors[0]
         raise ModelDownloadError(entry.id, failures)
 
     def _finish(

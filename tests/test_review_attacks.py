@@ -18,7 +18,7 @@ from servers import RecordedRequest, Reply, ScriptedServer, honest_reply
 from test_lying_servers import LLMLB_NODE, _as_url, _entry, _gets, _nothing_installed
 from world import FILENAME, MODEL_ID, World
 
-from llmlb_node import ModelDownloadError
+from llmlb_node import InsufficientDiskSpaceError, ModelDownloadError
 
 
 @pytest.fixture
@@ -340,3 +340,34 @@ def test_a_content_range_total_changing_between_requests_is_never_trimmed_or_pad
     resolved = world.resolver().resolve("grow")
     assert resolved.path.read_bytes() == longer  # the version served whole, never short[:...]
     assert len(served) >= 3  # the resume saw the total change and started again
+
+
+def _claims_a_huge_size(rec: RecordedRequest) -> Reply:
+    return Reply(200, {"Content-Length": str(10**15)}, b"GGUF" + b"\0" * 60)
+
+
+def test_a_source_claiming_a_huge_size_does_not_block_the_next_source(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    # A size only this server states cannot fit: that is this source's failure, and the proxy,
+    # which has the model, still delivers it.
+    server = serve(_claims_a_huge_size)
+    _entry(world, MODEL_ID, FILENAME, sources=[{"type": "url", "url": f"{server.url}/m.gguf"}])
+
+    resolved = world.resolver().resolve(MODEL_ID)
+
+    assert resolved.source == "llmlb-proxy"
+    assert resolved.path.read_bytes() == world.content
+
+
+def test_when_no_source_fits_the_disk_error_is_raised(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    server = serve(_claims_a_huge_size)
+    _as_url(world, server, "huge", "huge.gguf")
+
+    with pytest.raises(InsufficientDiskSpaceError) as info:
+        world.resolver().resolve("huge")
+
+    assert info.value.needed >= 10**15
+    assert _nothing_installed(world, "huge")
