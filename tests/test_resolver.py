@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from typing import Any
 
 import pytest
 from gguf import make_gguf, sha256_hex
@@ -220,6 +221,17 @@ def test_gated_repo_with_token_downloads(world: World, monkeypatch: pytest.Monke
     monkeypatch.setenv("HF_TOKEN", "secret-token")
 
     assert world.resolver().resolve(MODEL_ID).source.startswith("huggingface:")
+
+
+def test_without_hf_token_the_token_file_of_hf_auth_login_is_used(
+    world: World, llmlb_env: Any
+) -> None:
+    world.hub.require_token(REPO, "file-token", kind="gated")
+    llmlb_env.hf_home.mkdir(parents=True, exist_ok=True)
+    (llmlb_env.hf_home / "token").write_text("file-token\n")  # what `hf auth login` writes
+
+    assert world.resolver().resolve(MODEL_ID).source.startswith("huggingface:")
+    assert {r.authorization for r in world.hub.requests} == {"Bearer file-token"}
 
 
 def test_tokens_go_only_to_their_own_hosts(

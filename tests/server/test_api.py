@@ -283,3 +283,16 @@ def test_a_waiting_stream_gets_progress_comments_then_model_loading_past_the_wai
     assert error["code"] == "model_loading" and "downloading" in error["message"]
     assert plain == 503 and body["error"]["code"] == "model_loading"
     assert int(headers["retry-after"]) >= 1
+
+
+def test_max_completion_tokens_is_passed_as_max_tokens() -> None:
+    from llmlb_node.server.openai import parse_chat
+
+    messages = [{"role": "user", "content": "Hi"}]
+    newer = parse_chat({"model": "m", "messages": messages, "max_completion_tokens": 7})
+    both = parse_chat(
+        {"model": "m", "messages": messages, "max_tokens": 3, "max_completion_tokens": 7}
+    )
+
+    assert newer.kwargs["max_tokens"] == 7 and "max_completion_tokens" not in newer.kwargs
+    assert both.kwargs["max_tokens"] == 3  # the older field wins when both are given

@@ -219,3 +219,25 @@ def test_once_shutdown_begins_health_says_offline_and_new_requests_get_503(world
     assert chat.headers["Retry-After"] == "1"
     assert pull.status_code == 503
     assert world.requests() == 0
+
+
+def test_a_second_ctrl_c_stops_waiting_for_the_grace(world: World) -> None:
+    world.hub.cdn.rate_limit(10_000)  # 300 kB: 30 s, far longer than the test waits
+    with running_node(DOWNLOAD_CONNECTIONS="1", SHUTDOWN_GRACE="60") as node:
+        answers: list[object] = []
+        waiting = threading.Thread(
+            target=lambda: answers.append(node.post("/v1/chat/completions", CHAT))
+        )
+        waiting.start()
+        _downloading(node, world)
+        node.proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        assert node.proc.poll() is None  # the first Ctrl-C waits for the request in flight
+        started = time.monotonic()
+        node.proc.send_signal(signal.SIGINT)
+        node.proc.wait(timeout=20)
+        took = time.monotonic() - started
+        waiting.join(10)
+        log = node.log
+
+    assert took < 10, log  # far from the 60 s grace
