@@ -19,3 +19,21 @@ def test_llmlb_n_threads_sets_generation_and_prompt_threads(world: object) -> No
 def test_llmlb_n_threads_must_be_a_whole_number() -> None:
     with pytest.raises(ValueError, match="LLMLB_N_THREADS"):
         ServerSettings.from_env({"LLMLB_N_THREADS": "many"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("LLMLB_N_THREADS", "two"), ("LLMLB_MAX_LOADED_MODELS", "0")]
+)
+def test_serve_with_a_value_it_cannot_use_exits_2_naming_the_variable(
+    llmlb_env: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    value: str,
+) -> None:
+    from llmlb_node.cli import main
+
+    monkeypatch.setenv(name, value)
+
+    assert main(["serve", "--port", "0"]) == 2
+    assert name in capsys.readouterr().err
