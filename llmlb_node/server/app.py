@@ -39,6 +39,7 @@ from .errors import (
     InvalidRequestError,
     ModelBusyError,
     ModelLoadingError,
+    RequestTooLargeError,
     ServerBusyError,
     ShuttingDownError,
     UnauthorizedError,
@@ -53,6 +54,7 @@ access_log = logging.getLogger("llmlb_node.server.access")
 ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
     UnsupportedModelError: (404, "invalid_request_error", "model_not_found"),
     ContextLengthExceededError: (400, "invalid_request_error", "context_length_exceeded"),
+    RequestTooLargeError: (413, "invalid_request_error", "request_too_large"),
     InvalidRequestError: (400, "invalid_request_error", None),
     UnauthorizedError: (401, "invalid_request_error", "invalid_api_key"),
     ServerBusyError: (429, "server_error", "server_busy"),
@@ -109,17 +111,17 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 # -- handlers --------------------------------------------------------------------------------
 async def chat_completions(request: Request) -> Response:
-    parsed = openai.parse_chat(openai.parse_json(await request.body()))
+    parsed = openai.parse_chat(await openai.read_json(request))
     return await _generate(request, parsed, "create_chat_completion")
 
 
 async def completions(request: Request) -> Response:
-    parsed = openai.parse_completion(openai.parse_json(await request.body()))
+    parsed = openai.parse_completion(await openai.read_json(request))
     return await _generate(request, parsed, "create_completion")
 
 
 async def embeddings(request: Request) -> Response:
-    parsed = openai.parse_embedding(openai.parse_json(await request.body()))
+    parsed = openai.parse_embedding(await openai.read_json(request))
     request.state.model = parsed.model
     pool: ModelPool = request.state.pool
     async with pool.ready(parsed.model, embedding=True, keep_alive=parsed.keep_alive) as lease:
@@ -239,7 +241,7 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.expected is None or self._allowed(scope):
@@ -252,7 +254,10 @@ class BearerAuth:
 
     def _allowed(self, scope: Scope) -> bool:
         given = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(given, self.expected or b"")
+        scheme, _, token = given.partition(b" ")
+        # The scheme is case-insensitive (RFC 9110 11.1): `bearer KEY` is the same credential.
+        right_scheme = scheme.lower() == b"bearer"
+        return hmac.compare_digest(token.strip(), self.expected or b"") and right_scheme
 
 
 class AccessLog:

@@ -21,6 +21,10 @@ class ContextLengthExceededError(InvalidRequestError):
     """The prompt alone needs more tokens than the model's context holds."""
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is larger than MAX_BODY_BYTES."""
+
+
 class UnauthorizedError(LlmlbError):
     """LLMLB_NODE_API_KEY is set and the request's bearer token is missing or different."""
 

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..progress import ProgressEvent
 from .errors import DownloadInterrupted, InvalidRequestError, ShuttingDownError
-from .openai import parse_json
+from .openai import read_json
 from .pool import ModelPool, SlotInfo
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ PULL_LINE_GAP = 0.2
 # -- handlers ----------------------------------------------------------------------------------
 async def pull(request: Request) -> Response:
     """``POST /api/models/pull {"model", "stream": true}``: NDJSON progress, then success."""
-    body = parse_json(await request.body())
+    body = await read_json(request)
     model_id = _model_param(body)
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
@@ -61,7 +61,7 @@ async def ps(request: Request) -> Response:
 
 async def unload(request: Request) -> Response:
     """``POST /api/models/unload {"model"}``: free its memory now (409 while in use)."""
-    model_id = _model_param(parse_json(await request.body()))
+    model_id = _model_param(await read_json(request))
     request.state.model = model_id
     pool: ModelPool = request.state.pool
     await pool.check_known(model_id)

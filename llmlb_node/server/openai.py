@@ -14,7 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidRequestError
+from starlette.requests import ClientDisconnect, Request
+
+from .errors import GenerationCancelledError, InvalidRequestError, RequestTooLargeError
 from .settings import parse_duration
 
 Check = Callable[[Any], bool]
@@ -46,13 +48,57 @@ def _stop(v: Any) -> bool:
 
 
 def _response_format(v: Any) -> bool:
-    return isinstance(v, dict) and v.get("type") in ("text", "json_object", "json_schema")
+    if not isinstance(v, dict) or v.get("type") not in ("text", "json_object", "json_schema"):
+        return False
+    # llama.cpp compiles a json_object's schema into a grammar; json_schema's is OpenAI's shape.
+    schema_ok = isinstance(v.get("schema", {}), dict)
+    if v["type"] == "json_schema":
+        inner = v.get("json_schema")
+        schema_ok = isinstance(inner, dict) and isinstance(inner.get("schema", {}), dict)
+    return schema_ok
 
 
 def _logit_bias(v: Any) -> bool:
-    return isinstance(v, dict) and all(
-        str(k).lstrip("-").isdigit() and _number(-100, 100)(b) for k, b in v.items()
+    # Keys index llama.cpp's logits: a negative one would wrap around, a huge one overflow.
+    return isinstance(v, dict) and all(_token_id(k) and _number(-100, 100)(b) for k, b in v.items())
+
+
+def _token_id(key: str) -> bool:
+    return key.isascii() and key.isdigit() and int(key) < 2**31
+
+
+def _exactly_one(v: Any) -> bool:
+    return type(v) is int and v == 1
+
+
+def _stream_options(v: Any) -> bool:
+    return isinstance(v, dict) and _is(bool)(v.get("include_usage", False))
+
+
+def _tools(v: Any) -> bool:
+    return isinstance(v, list) and all(_tool(t) for t in v)
+
+
+def _tool(t: Any) -> bool:
+    function = t.get("function") if isinstance(t, dict) else None
+    return (
+        isinstance(function, dict)
+        and t.get("type") == "function"
+        and _name(function.get("name"))
+        and isinstance(function.get("parameters", {}), dict)
+        and isinstance(function.get("description", ""), str)
     )
+
+
+def _name(v: Any) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+def _tool_choice(v: Any) -> bool:
+    if isinstance(v, str):
+        return v in ("none", "auto", "required")
+    function = v.get("function") if isinstance(v, dict) else None
+    return isinstance(function, dict) and _name(function.get("name"))
 
 
 # name -> (check, what the value must be). Values of None mean "not given", as in OpenAI's API.
@@ -67,28 +113,37 @@ SAMPLING: dict[str, tuple[Check, str]] = {
     "frequency_penalty": (_number(-2, 2), "a number between -2 and 2"),
     "max_tokens": (_integer(1), "a whole number >= 1"),
     "stop": (_stop, "a string or a list of strings"),
-    "seed": (_integer(-(2**63), 2**64), "a whole number"),
+    "seed": (_integer(-(2**63), 2**63 - 1), "a whole number that fits in 64 bits"),
     "logit_bias": (_logit_bias, "an object mapping token ids to numbers between -100 and 100"),
     "stream": (_is(bool), "true or false"),
-    "n": (lambda v: v == 1 and not isinstance(v, bool), "1 (this node makes one choice)"),
+    "n": (_exactly_one, "1 (this node makes one choice)"),
     "user": (_is(str), "a string"),
 }
 CHAT: dict[str, tuple[Check, str]] = {
     **SAMPLING,
     "max_completion_tokens": (_integer(1), "a whole number >= 1"),
-    "response_format": (_response_format, "an object with type text, json_object or json_schema"),
-    "tools": (lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v), "a list"),
-    "tool_choice": (_is(str, dict), "a string or an object"),
+    "response_format": (
+        _response_format,
+        "an object with type text, json_object or json_schema (any schema an object)",
+    ),
+    "tools": (
+        _tools,
+        "a list of {type: function, function: {name, parameters: object, description}}",
+    ),
+    "tool_choice": (
+        _tool_choice,
+        "none, auto, required or {type: function, function: {name}}",
+    ),
     "logprobs": (_is(bool), "true or false"),
     "top_logprobs": (_integer(0, 20), "a whole number between 0 and 20"),
-    "stream_options": (_is(dict), "an object"),
+    "stream_options": (_stream_options, "an object whose include_usage is true or false"),
 }
 COMPLETION: dict[str, tuple[Check, str]] = {
     **SAMPLING,
     "suffix": (_is(str), "a string"),
     "echo": (_is(bool), "true or false"),
     "logprobs": (_integer(0, 20), "a whole number between 0 and 20"),
-    "best_of": (lambda v: v == 1 and not isinstance(v, bool), "1 (this node makes one choice)"),
+    "best_of": (_exactly_one, "1 (this node makes one choice)"),
 }
 # Parameters we accept but do not pass to llama.cpp.
 _NOT_PASSED = {"stream", "n", "user", "stream_options", "max_completion_tokens", "best_of"}
@@ -106,12 +161,40 @@ class ParsedRequest:
     encoding_format: str = "float"
 
 
+MAX_BODY_BYTES = 16 << 20
+"""The largest request body read (a 128k-token prompt is well under 1 MiB): 413 past it."""
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request's body as a JSON object: read at most MAX_BODY_BYTES of it (413 past them),
+    499 if the client leaves before it is whole, 400 if it is not a JSON object."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _too_large()
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise GenerationCancelledError("client closed the connection before the body") from None
+    return parse_json(b"".join(chunks))
+
+
+def _too_large() -> RequestTooLargeError:
+    return RequestTooLargeError(f"the request body is larger than {MAX_BODY_BYTES} bytes")
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 saying what is wrong with it."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # [[[[...]]]] deeper than Python's parser goes
+        raise InvalidRequestError("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     return body
@@ -125,6 +208,13 @@ def parse_chat(body: Mapping[str, Any]) -> ParsedRequest:
     for i, message in enumerate(messages):
         _check_message(message, f"messages[{i}]")
     kwargs = _sampling(body, CHAT)
+    choice = kwargs.get("tool_choice")
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        if not any(t["function"]["name"] == name for t in kwargs.get("tools") or []):
+            raise InvalidRequestError(
+                f"'tool_choice' names {name!r}, which is not in 'tools'", "tool_choice"
+            )
     if "max_tokens" not in kwargs and body.get("max_completion_tokens") is not None:
         kwargs["max_tokens"] = body["max_completion_tokens"]
     return _parsed(body, {"messages": messages, **kwargs})
@@ -202,10 +292,44 @@ def _check_message(message: Any, where: str) -> None:
             f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}", f"{where}.role"
         )
     content = message.get("content")
-    if content is not None and not isinstance(content, (str, list)):
+    if content is None:
+        # Only an assistant turn that calls tools may come without content.
+        if message["role"] != "assistant" or not (
+            message.get("tool_calls") or message.get("function_call")
+        ):
+            raise InvalidRequestError(f"'{where}.content' is required", f"{where}.content")
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text"):
+                raise InvalidRequestError(
+                    f"'{where}.content[{j}]' must be a text part ({{type: text, text}}): this "
+                    "node serves text models",
+                    f"{where}.content[{j}]",
+                )
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequestError(
+                    f"'{where}.content[{j}].text' must be a string", f"{where}.content[{j}].text"
+                )
+    elif not isinstance(content, str):
         raise InvalidRequestError(
-            f"'{where}.content' must be a string or a list of parts", f"{where}.content"
+            f"'{where}.content' must be a string or a list of text parts", f"{where}.content"
         )
+    calls = message.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(_tool_call(c) for c in calls)):
+        raise InvalidRequestError(
+            f"'{where}.tool_calls' must be a list of {{id, type: function, function: "
+            "{name, arguments: string}}",
+            f"{where}.tool_calls",
+        )
+
+
+def _tool_call(call: Any) -> bool:
+    function = call.get("function") if isinstance(call, dict) else None
+    return (
+        isinstance(function, dict)
+        and _name(function.get("name"))
+        and isinstance(function.get("arguments", ""), str)
+    )
 
 
 # -- responses ---------------------------------------------------------------------------------

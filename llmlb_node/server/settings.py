@@ -5,6 +5,7 @@ Read once at start-up by `llmlb-node serve`; tests build them with `ServerSettin
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -22,11 +23,16 @@ def parse_duration(value: object, name: str = "keep_alive") -> float:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a duration like '5m', 30 or -1, not {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float
+            seconds = math.inf
     elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
         raise ValueError(f"{name} must be a duration like '5m', '30s', 0 or -1, not {value!r}")
+    if not math.isfinite(seconds):  # NaN would break the idle timers' ordering, inf overflow
+        raise ValueError(f"{name} must be a finite duration, not {value!r}")
     return -1.0 if seconds < 0 else seconds
 
 
