@@ -217,7 +217,7 @@ def test_a_hung_lock_holder_is_taken_over(world: World) -> None:
         holder.wait()
 
     assert sha256_hex(resolved.path.read_bytes()) == world.sha256
-    assert took < 10
+    assert took < 30  # never: the holder is stopped; room for a loaded machine
 
 
 def test_a_holder_sleeping_on_retry_after_is_not_taken_over(world: World) -> None:

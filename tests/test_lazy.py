@@ -643,8 +643,10 @@ def test_loading_in_a_thread_keeps_the_event_loop_responsive(resolver: ModelReso
     finally:
         llm.close()
     assert load_time > 0.1
-    assert max_gap < min(0.2, load_time / 2), (load_time, max_gap)  # a blocked loop: ~load_time
-    assert ticks >= int(load_time / 0.02)
+    # A blocked loop: one gap of ~load_time. Half of it leaves room for a loaded machine's
+    # scheduler pauses (a fixed 0.2 s and a tick rate did not).
+    assert max_gap < load_time / 2, (load_time, max_gap)
+    assert ticks >= 3
 
 
 def test_fast_signature_read_matches_a_full_parse_of_llama_py() -> None:
