@@ -219,7 +219,7 @@ def test_one_access_log_line_per_request(world: World) -> None:
         node.get("/v1/models")
         node.post("/v1/chat/completions", {**CHAT, "model": "absent"})
         # The line is written once the response is sent, so it may follow the client's read.
-        node.wait_for(lambda: node.log.count("llmlb_node.server.access") >= 2, 5, "2 lines")
+        node.wait_for(lambda: node.log.count("llmlb_node.server.access") >= 2, 30, "2 lines")
         log = node.log
 
     lines = [line for line in log.splitlines() if "llmlb_node.server.access" in line]
