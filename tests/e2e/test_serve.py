@@ -337,3 +337,23 @@ def test_sixteen_concurrent_first_requests_share_one_download_and_one_load(
     assert log.count(f"{GEMMA_ID}: loaded in") == 1
     assert log.count(f"{GEMMA_ID}: installed from") == 1
     assert log.count("status=200") == 16
+
+
+def test_token_ids_past_the_vocabulary_are_400_not_500(node: Node) -> None:
+    """Gemma's vocabulary has 262144 ids: a prompt id past it failed llama_decode (500 with a
+    traceback), a logit_bias key past it raised inside llama.cpp's sampler callback."""
+    log_start = len(node.log)
+    prompt = node.post("/v1/completions", {"model": GEMMA_ID, "prompt": [262144], "max_tokens": 1})
+    bias = node.post(
+        "/v1/chat/completions",
+        {"model": GEMMA_ID, "messages": HELLO, "max_tokens": 1, "logit_bias": {"999999999": 5}},
+    )
+    in_vocab = node.post(
+        "/v1/completions", {"model": GEMMA_ID, "prompt": [2, 9259], "max_tokens": 1}
+    )
+
+    assert prompt[0] == 400 and prompt[2]["error"]["param"] == "prompt", prompt
+    assert "262143" in prompt[2]["error"]["message"]
+    assert bias[0] == 400 and bias[2]["error"]["param"] == "logit_bias", bias
+    assert in_vocab[0] == 200, in_vocab
+    assert "Traceback" not in node.log[log_start:]
