@@ -552,7 +552,7 @@ class ModelResolver:
         announced = False
         while True:
             try:
-                lock.acquire(timeout=0.1)
+                lock.acquire(timeout=0.1, poll_interval=0.01)
                 return lock
             except Timeout:
                 pass
