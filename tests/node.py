@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 _LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
@@ -149,3 +150,17 @@ def running_node(
         yield node
     finally:
         node.stop()
+
+
+def manual_store(tmp_path: Path, gguf_file: Path, *ids: str) -> Path:
+    """An LLMLB_HOME holding `gguf_file` under each of `ids` as a hand-installed model (hard
+    links where the filesystem allows, copies elsewhere)."""
+    home = tmp_path / "home"
+    for model_id in ids:
+        target = home / "models" / model_id / "model.gguf"
+        target.parent.mkdir(parents=True)
+        try:
+            os.link(gguf_file, target)
+        except OSError:
+            shutil.copyfile(gguf_file, target)
+    return home

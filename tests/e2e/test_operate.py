@@ -7,14 +7,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from node import Node, running_node
+from node import Node, manual_store, running_node
 from prometheus_client.parser import text_string_to_metric_families
 from servers import refused_url
 
@@ -23,19 +22,6 @@ from llmlb_node.server.memory import need_for
 pytestmark = pytest.mark.e2e
 
 NO_EOS = {"1": -100, "106": -100}  # Gemma's <eos> and <end_of_turn>: generate until max_tokens
-
-
-def _store(tmp_path: Path, gemma_file: Path, *ids: str) -> Path:
-    """A store holding Gemma under each of `ids` as a hand-installed model (hard links)."""
-    home = tmp_path / "home"
-    for model_id in ids:
-        target = home / "models" / model_id / "model.gguf"
-        target.parent.mkdir(parents=True)
-        try:
-            os.link(gemma_file, target)
-        except OSError:
-            shutil.copyfile(gemma_file, target)
-    return home
 
 
 def _env(home: Path, **settings: str) -> dict[str, str]:
@@ -81,7 +67,7 @@ def _samples(node: Node) -> dict[tuple[str, tuple], float]:
 def test_ps_unload_and_delete_of_a_loaded_model_and_its_metrics(
     tmp_path: Path, gemma_file: Path
 ) -> None:
-    home = _store(tmp_path, gemma_file, "gemma-a")
+    home = manual_store(tmp_path, gemma_file, "gemma-a")
     with running_node(_env(home, N_CTX="4096")) as node:
         answer = node.post("/v1/completions", {"model": "gemma-a", "prompt": "Hi", "max_tokens": 4})
         (loaded,) = _ps(node)
@@ -146,7 +132,7 @@ def test_ps_unload_and_delete_of_a_loaded_model_and_its_metrics(
 def test_the_memory_budget_unloads_the_least_recently_used_model_to_make_room(
     tmp_path: Path, gemma_file: Path
 ) -> None:
-    home = _store(tmp_path, gemma_file, "gemma-a", "gemma-b")
+    home = manual_store(tmp_path, gemma_file, "gemma-a", "gemma-b")
     need = need_for(gemma_file, 512)
     assert need is not None
     budget = str(int(1.5 * need.ram_bytes))  # one Gemma fits, two do not
@@ -166,7 +152,7 @@ def test_the_memory_budget_unloads_the_least_recently_used_model_to_make_room(
 def test_sigterm_mid_stream_ends_it_with_an_error_event_then_done_and_exits_0(
     tmp_path: Path, gemma_file: Path
 ) -> None:
-    home = _store(tmp_path, gemma_file, "gemma-a")
+    home = manual_store(tmp_path, gemma_file, "gemma-a")
     with running_node(_env(home, N_CTX="512", SHUTDOWN_GRACE="1")) as node:
         running = threading.Event()
         lines: list[list[str]] = []
@@ -194,7 +180,7 @@ def test_sigterm_mid_stream_ends_it_with_an_error_event_then_done_and_exits_0(
 def test_a_sigkilled_node_restarted_on_its_store_serves_at_once(
     tmp_path: Path, gemma_file: Path
 ) -> None:
-    home = _store(tmp_path, gemma_file, "gemma-a")
+    home = manual_store(tmp_path, gemma_file, "gemma-a")
     with running_node(_env(home, N_CTX="512")) as node:
         assert node.post("/v1/completions", {"model": "gemma-a", "prompt": "Hi"})[0] == 200
         node.proc.kill()

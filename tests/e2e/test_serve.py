@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import socket
 import struct
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from node import Node, running_node
+from node import Node, manual_store, running_node
 from servers import refused_url
 
 from .conftest import GEMMA_ID, GemmaWorld
@@ -45,19 +44,6 @@ def node(gemma_file: Path) -> Iterator[Node]:
 @pytest.fixture
 def client(node: Node) -> openai.OpenAI:
     return openai.OpenAI(base_url=node.base_url, api_key="none", max_retries=0)
-
-
-def _manual_store(tmp_path: Path, gemma_file: Path, *ids: str) -> Path:
-    """A store holding Gemma under each of `ids` as a hand-installed model (hard links)."""
-    home = tmp_path / "home"
-    for model_id in ids:
-        target = home / "models" / model_id / "model.gguf"
-        target.parent.mkdir(parents=True)
-        try:
-            os.link(gemma_file, target)
-        except OSError:
-            shutil.copyfile(gemma_file, target)
-    return home
 
 
 def test_chat_without_and_with_streaming(client: openai.OpenAI) -> None:
@@ -275,7 +261,7 @@ def test_keep_alive_unloads_an_idle_model_and_a_request_can_override_it(
 def test_loading_a_second_model_evicts_the_least_recently_used_idle_one(
     tmp_path: Path, gemma_file: Path
 ) -> None:
-    home = _manual_store(tmp_path, gemma_file, "gemma-a", "gemma-b")
+    home = manual_store(tmp_path, gemma_file, "gemma-a", "gemma-b")
     with running_node(_offline_env(home, MAX_LOADED_MODELS="1")) as node:
         one = {"prompt": "Hi", "max_tokens": 1}
         assert node.post("/v1/completions", {"model": "gemma-a", **one})[0] == 200
