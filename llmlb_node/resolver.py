@@ -487,9 +487,7 @@ class ModelResolver:
             monitor.stage("interrupted", message=f"stopped at {done} bytes; resolve resumes it")
             return
         if isinstance(exc, ModelDownloadError):
-            monitor.failures = [
-                {"source": f.source, "kind": f.kind, "message": f.message} for f in exc.failures
-            ]
+            monitor.failures = [_failure_row(f) for f in exc.failures]
             causes = "; ".join(f"{f.source}: [{f.kind}] {f.message}" for f in exc.failures)
             message = f"could not download model {exc.model_id!r}; every source failed: {causes}"
         else:
@@ -613,6 +611,7 @@ class ModelResolver:
         disk_errors: list[InsufficientDiskSpaceError] = []
         stale_after = self._stale_after()
         for source in self._sources(entry):
+            monitor.failures = [_failure_row(f) for f in failures]  # shown while the next runs
             try:
                 for i, f in enumerate(todo):
                     if f.filename in ready:
@@ -738,7 +737,8 @@ class ModelResolver:
             raise InvalidModelIdError(model_id)
         flight = _FLIGHTS.get((str(self.settings.models_dir), model_id))
         if flight is not None:
-            return _from_event(flight.monitor.event, None, os.getpid())
+            live = _from_event(flight.monitor.event, None, os.getpid())
+            return replace(live, failures=tuple(flight.monitor.failures))
         found = self.installed(model_id)
         data = read_status_file(self.store.status_path(model_id))
         if found is not None:
@@ -779,6 +779,10 @@ class ModelResolver:
         if model_id in self.catalog:
             total = self.catalog.get(model_id).total_size
         return ModelStatus(model_id, "missing", 0.0, 0, total, None)
+
+
+def _failure_row(failure: SourceFailure) -> dict[str, str]:
+    return {"source": failure.source, "kind": failure.kind, "message": failure.message}
 
 
 def _failure_dict(data: dict[str, Any]) -> dict[str, str]:

@@ -85,3 +85,13 @@ def llmlb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LlmlbEnv:
 
 
 from world import world  # noqa: E402, F401  (the `world` fixture, for every test module)
+
+
+@pytest.fixture
+def chromium() -> Iterator[object]:
+    """Headless Debian Chromium driven by Playwright (tests/browser.py), one per test (Playwright's
+    sync API holds an event loop while it runs: asyncio.run fails in the tests after it); the tests
+    that use it are skipped, naming the install command, where it is not installed."""
+    from browser import launch
+
+    yield from launch()

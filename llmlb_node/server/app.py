@@ -31,7 +31,7 @@ from ..errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from . import blob, inference, lb, management, metrics, models, openai, shutdown
+from . import blob, inference, lb, management, metrics, models, openai, shutdown, ui
 from .errors import (
     ContextLengthExceededError,
     GenerationCancelledError,
@@ -161,6 +161,11 @@ async def supported_models(request: Request) -> Response:
     return JSONResponse(await asyncio.to_thread(models.supported_models, pool))
 
 
+async def downloads(request: Request) -> Response:
+    pool: ModelPool = request.state.pool
+    return JSONResponse({"downloads": await asyncio.to_thread(models.downloads, pool)})
+
+
 # -- generation ------------------------------------------------------------------------------
 async def _generate(request: Request, parsed: openai.ParsedRequest, method: str) -> Response:
     request.state.model = parsed.model
@@ -237,20 +242,24 @@ async def _disconnected(receive: Receive) -> None:
 
 # -- middleware ------------------------------------------------------------------------------
 class BearerAuth:
-    """Every route requires ``Authorization: Bearer <LLMLB_NODE_API_KEY>`` when it is set."""
+    """Every route requires ``Authorization: Bearer <LLMLB_NODE_API_KEY>`` when it is set, but
+    the operator's page and its assets (static files: the page asks for the key itself)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
         self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.expected is None or self._allowed(scope):
+        if scope["type"] != "http" or self.expected is None or self._open(scope):
             await self.app(scope, receive, send)
             return
         exc = UnauthorizedError("missing or wrong API key: send Authorization: Bearer <key>")
         status, body, _ = error_payload(exc)
         headers = {"WWW-Authenticate": "Bearer"}
         await JSONResponse(body, status, headers=headers)(scope, receive, send)
+
+    def _open(self, scope: Scope) -> bool:
+        return ui.is_public(scope["path"]) or self._allowed(scope)
 
     def _allowed(self, scope: Scope) -> bool:
         given = dict(scope["headers"]).get(b"authorization", b"")
@@ -303,6 +312,7 @@ routes = [
     Route("/v1/models/{model_id}", get_model, methods=["GET"]),
     Route("/v0/models/{model_id}/status", model_status, methods=["GET"]),
     Route("/v0/supported-models", supported_models, methods=["GET"]),
+    Route("/v0/downloads", downloads, methods=["GET"]),
     Route("/api/health", lb.health, methods=["GET"]),
     Route("/api/system", lb.system, methods=["GET"]),
     Route("/api/models/pull", management.pull, methods=["POST"]),
@@ -312,6 +322,8 @@ routes = [
     Route("/api/models/{model_id}", management.delete, methods=["DELETE"]),
     Route("/metrics", metrics.metrics, methods=["GET"]),
     Route("/v0/models/blob/{model_id:path}", blob.blob, methods=["GET", "HEAD"]),
+    Route("/", ui.page, methods=["GET"]),
+    Route("/ui/{name}", ui.asset, methods=["GET"]),
 ]
 
 

@@ -1,4 +1,5 @@
-"""What the node says about its models: /v1/models, /v0/supported-models, /v0/models/{id}/status.
+"""What the node says about its models: /v1/models, /v0/supported-models, /v0/downloads,
+/v0/models/{id}/status.
 
 Built in a worker thread from the catalog, the store's status files and the pool's memory.
 """
@@ -56,6 +57,7 @@ def supported_models(pool: ModelPool) -> dict[str, Any]:
                 "name": entry.name,
                 "source": _SOURCE_BY_FORMAT.get(fmt, "predefined"),
                 "repo_id": entry.repo,
+                "size_bytes": entry.total_size,
                 "required_vram_mb": (entry.required_memory_bytes or 0) // (1024 * 1024),
                 "tags": list(entry.raw.get("tags") or []),
                 "is_local": resolver.installed(entry.id) is not None,
@@ -63,3 +65,11 @@ def supported_models(pool: ModelPool) -> dict[str, Any]:
             }
         )
     return {"models": rows}
+
+
+def downloads(pool: ModelPool) -> list[dict[str, Any]]:
+    """/v0/downloads' rows: the status of each download this node runs now, oldest first, with
+    the failures of the sources it tried before the one in use."""
+    resolver = pool.resolver
+    rows = [resolver.status(event.model_id) for event in resolver.activity().running]
+    return [status.to_dict() for status in rows]  # type: ignore[union-attr]
