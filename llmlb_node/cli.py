@@ -237,8 +237,7 @@ def cmd_path(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     resolver = ModelResolver()
     if not resolver.remove(args.model_id):
-        if args.model_id not in resolver.catalog:
-            resolver.catalog.get(args.model_id)  # a typo: UnsupportedModelError (exit 3)
+        resolver.check_known(args.model_id)  # a typo: UnsupportedModelError (exit 3)
         _err(f"{args.model_id}: not installed; nothing to remove")  # like `rm -f`: exit 0
         return EXIT_OK
     print(f"removed {args.model_id}")
@@ -249,12 +248,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     resolver = ModelResolver()
     result = resolver.status(args.model_id)
     statuses = result if isinstance(result, list) else [result]
-    if (
-        args.model_id is not None
-        and statuses[0].status == "missing"
-        and args.model_id not in resolver.catalog
-    ):
-        resolver.catalog.get(args.model_id)  # a typo: UnsupportedModelError with suggestions
+    if args.model_id is not None and statuses[0].status == "missing":
+        resolver.check_known(args.model_id)  # a typo: UnsupportedModelError with suggestions
     if args.json:
         data: Any = [s.to_dict() for s in statuses]
         print(json.dumps(data if args.model_id is None else data[0], indent=2))
@@ -299,8 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "stream": True,
     }
     resolver = ModelResolver()
-    if resolver.installed(args.model_id) is None:
-        resolver.catalog.get(args.model_id)  # an unknown id: exit 3 before loading anything
+    resolver.check_known(args.model_id)  # an unknown id: exit 3 before loading anything
     llm = LazyLlama(args.model_id, resolver=resolver, progress=_progress_view(), **options)
     with resolver, llm:
         llm.prefetch()

@@ -166,3 +166,64 @@ class ModelLoadError(LlmlbError):
 
 class LlamaCppNotInstalledError(ModelLoadError, ImportError):
     """llama-cpp-python cannot be imported; the message gives the command that installs it."""
+
+
+class HubReferenceError(UnsupportedModelError):
+    """A Hub reference (``hf:ORG/REPO[:QUANT|/FILE.gguf][@REVISION]``) that names no model this
+    node can install: references are off (``LLMLB_ALLOW_HF``), the repository does not exist, it
+    holds no GGUF, or no file of the asked quantization. Nothing was downloaded."""
+
+    def __init__(self, reference: str, message: str) -> None:
+        self.model_id = reference
+        self.reference = reference
+        self.catalog_path = ""
+        self.suggestions = ()
+        LlmlbError.__init__(self, message)
+
+
+class HubReferencesDisabledError(HubReferenceError):
+    """A Hub reference was given but ``LLMLB_ALLOW_HF`` is not set: only catalog ids resolve."""
+
+
+class HubRepoNotFoundError(HubReferenceError):
+    """The Hub has no repository (or revision) of that name that this token can see."""
+
+
+class NoGGUFError(HubReferenceError):
+    """The repository holds no GGUF file (``files`` lists what it holds)."""
+
+    def __init__(self, reference: str, message: str, files: Sequence[str]) -> None:
+        super().__init__(reference, message)
+        self.files = tuple(files)
+
+
+class QuantNotFoundError(HubReferenceError):
+    """The repository holds GGUFs, but none of the asked quantization (``quants`` lists those
+    it has)."""
+
+    def __init__(self, reference: str, message: str, quants: Sequence[str]) -> None:
+        super().__init__(reference, message)
+        self.quants = tuple(quants)
+
+
+class HubAccessError(ModelDownloadError):
+    """The Hub refused to list a referenced repository: gated (accept its terms and set
+    ``HF_TOKEN``) or the token is not valid. Its one failure says which."""
+
+
+class UnsupportedArchitectureError(UnsupportedModelError):
+    """The GGUF's ``general.architecture`` is one the installed llama.cpp does not know: refused
+    from the file's header, before its weights are downloaded."""
+
+    def __init__(self, model_id: str, architecture: str, llama_cpp_version: str) -> None:
+        self.model_id = model_id
+        self.catalog_path = ""
+        self.suggestions = ()
+        self.architecture = architecture
+        self.llama_cpp_version = llama_cpp_version
+        LlmlbError.__init__(
+            self,
+            f"model {model_id!r} cannot run on this node: its architecture {architecture!r} is "
+            f"not one that llama-cpp-python {llama_cpp_version} knows; nothing but its header "
+            "was downloaded. A newer llama-cpp-python may support it.",
+        )

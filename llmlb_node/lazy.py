@@ -544,7 +544,12 @@ class LazyLlama:
         progress: ProgressCallback | None = None,
         **llama_kwargs: Any,
     ) -> None:
-        check_id(model_id)  # a malformed id is a programming error: report it now
+        if model_id[:3].lower() == "hf:":  # a Hub reference (`hubref`): its syntax, now
+            from .hubref import parse_reference
+
+            parse_reference(model_id)
+        else:
+            check_id(model_id)  # a malformed id is a programming error: report it now
         n_gpu_layers = llama_kwargs.pop("n_gpu_layers", "auto")
         _check_gpu_layers(n_gpu_layers)
         _check_kwargs(llama_kwargs)

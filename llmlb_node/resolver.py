@@ -228,6 +228,11 @@ def architecture(path: Path) -> str | None:
         return None
 
 
+def hub_id_prefix() -> str:
+    """What every id a Hub reference installs under starts with (`hubref.ID_PREFIX`)."""
+    return "hf--"
+
+
 def _warn_other_platform(entry: ModelEntry) -> None:
     """One warning when the entry does not list this node's platform (installed anyway: none of
     llmlb's own entries lists a CPU platform, and a model may well run here)."""
@@ -286,13 +291,15 @@ class ModelResolver:
         """The model's local path, downloading and installing it first if needed.
 
         Raises `UnsupportedModelError` (unknown id), `ModelDownloadError` (every source failed,
-        with each one's cause), `InsufficientDiskSpaceError`, or `CatalogError`.
+        with each one's cause), `InsufficientDiskSpaceError`, or `CatalogError`. A Hub reference
+        (``hf:ORG/REPO...``, with LLMLB_ALLOW_HF) installs under its derived id (`hubref`).
         """
+        reference, model_id = model_id, self.canonical_id(model_id)
         found = self.installed(model_id)
         if found is not None:
             return found
         # UnsupportedModelError (UnrunnableModelError for a non-GGUF), before any network
-        entry = self.catalog.runnable(model_id)
+        entry = self._entry(model_id, reference)
         key = (str(self.settings.models_dir), model_id)
         with _FLIGHTS_LOCK:
             flight = _FLIGHTS.get(key)
@@ -354,6 +361,27 @@ class ModelResolver:
                     architecture=architecture(found.path) if found else None,
                 )
             )
+        return infos + self._hub_models()
+
+    def _hub_models(self) -> list[ModelInfo]:
+        """The installed models that Hub references brought (`hubref`), in id order."""
+        infos = []
+        for model_id in self.store.installed_ids():
+            entry = None if model_id in self.catalog else self._hub_entry(model_id)
+            found = self.installed(model_id) if entry is not None else None
+            if entry is None or found is None:
+                continue
+            infos.append(
+                ModelInfo(
+                    id=model_id,
+                    name=entry.name,
+                    size_bytes=entry.total_size,
+                    installed=True,
+                    path=str(found.path),
+                    catalog=str(entry.raw.get("reference") or entry.origin),
+                    architecture=architecture(found.path),
+                )
+            )
         return infos
 
     def installed(self, model_id: str) -> ResolvedModel | None:
@@ -362,6 +390,7 @@ class ModelResolver:
         A model seen installed before costs one stat per file: its files unchanged (same size
         and mtime as the verified install) is proof enough; any change goes back to the record.
         """
+        model_id = self.canonical_id(model_id)
         key = (self._cache_key, model_id)
         hit = _INSTALLED.get(key)
         if hit is not None:
@@ -393,11 +422,12 @@ class ModelResolver:
 
     def path(self, model_id: str) -> Path:
         """The installed main file; `ModelNotInstalledError` if it is not installed."""
+        model_id = self.canonical_id(model_id)
         found = self.installed(model_id)
         if found is None:
             if model_id in self.catalog:
                 self.catalog.runnable(model_id)  # UnrunnableModelError for a non-GGUF entry
-            else:
+            elif not model_id.startswith(hub_id_prefix()):
                 self.catalog.get(model_id)  # raises UnsupportedModelError with suggestions
             damage = self.store.damage(model_id)
             state = f"is damaged ({damage})" if damage else "is not installed"
@@ -413,6 +443,7 @@ class ModelResolver:
         Takes the model's download lock first: while a download holds it, raises
         `ModelBusyError` naming the holder instead of pulling files from under it.
         """
+        model_id = self.canonical_id(model_id)
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id)
         from filelock import Timeout
@@ -446,7 +477,42 @@ class ModelResolver:
                     dict.fromkeys(p.name for p in meta_root.iterdir() if is_valid_id(p.name))
                 )
             return [self._status(i) for i in ids]
-        return self._status(model_id)
+        return self._status(self.canonical_id(model_id))
+
+    def canonical_id(self, model_id: str) -> str:
+        """`model_id` as the store knows it: a Hub reference (``hf:ORG/REPO...``) as the id it
+        installs under (`HubReferencesDisabledError` without LLMLB_ALLOW_HF), else unchanged."""
+        if model_id[:3].lower() != "hf:":
+            return model_id
+        from .hubref import parse
+
+        return parse(model_id, self.settings).model_id
+
+    def check_known(self, model_id: str) -> str:
+        """The canonical id of a model this resolver can resolve: a catalog id, an installed
+        model, or a Hub reference (with LLMLB_ALLOW_HF); else `UnsupportedModelError` naming up
+        to three close ids. No network."""
+        canonical = self.canonical_id(model_id)
+        if canonical != model_id or canonical in self.catalog:
+            return canonical
+        if self.installed(canonical) is None and self._hub_entry(canonical) is None:
+            self.catalog.get(canonical)
+        return canonical
+
+    def _entry(self, model_id: str, reference: str) -> ModelEntry:
+        """The entry to install: the catalog's (`UnrunnableModelError` for a non-GGUF), else a
+        Hub model's (`hubref`: its note in the store, else one Hub API call)."""
+        if model_id in self.catalog:
+            return self.catalog.runnable(model_id)
+        entry = self._hub_entry(model_id, reference)
+        return entry if entry is not None else self.catalog.get(model_id)
+
+    def _hub_entry(self, model_id: str, reference: str | None = None) -> ModelEntry | None:
+        if not model_id.startswith(hub_id_prefix()):
+            return None
+        from .hubref import entry_for
+
+        return entry_for(model_id, reference, self.store, self.settings)
 
     def activity(self) -> DownloadActivity:
         """What this process is downloading into the store, from memory: never any I/O."""

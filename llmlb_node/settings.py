@@ -47,6 +47,8 @@ class Settings:
     max_retries: int = 5
     max_stalls: int = 3
     retry_backoff: float = 0.5
+    allow_hf: bool = False
+    """LLMLB_ALLOW_HF: whether ``hf:ORG/REPO...`` references resolve (see `hubref`)."""
 
     def without_secrets(self) -> Settings:
         """These settings with every secret blanked (for pickles and anything stored)."""
@@ -95,6 +97,7 @@ class Settings:
             hf_endpoint=_url(env, "HF_ENDPOINT") or DEFAULT_HF_ENDPOINT,
             hf_token=env.get("HF_TOKEN") or None,
             hf_offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
+            allow_hf=_flag(env, "LLMLB_ALLOW_HF", False),
         )
         _check_gpu_layers(env)
         if "catalog_path" in overrides and "catalog_paths" not in overrides:
@@ -121,6 +124,7 @@ _ENV_KEYS = (  # LLMLB_HOME first: the cache key above reads it by position
     "HF_TOKEN",
     "HF_HUB_OFFLINE",
     "LLMLB_N_GPU_LAYERS",
+    "LLMLB_ALLOW_HF",
     "HOME",
 )
 _FROM_ENV: dict[tuple[object, ...], Settings] = {}
@@ -153,6 +157,17 @@ def _int(env: Mapping[str, str], key: str, default: int, most: int | None = None
         bound = f"between 1 and {most}" if most is not None else "at least 1"
         raise ConfigurationError(f"{key}={value!r} must be {bound}")
     return parsed
+
+
+def _flag(env: Mapping[str, str], key: str, default: bool) -> bool:
+    value = (env.get(key) or "").strip().lower()
+    if not value:
+        return default
+    if value in _TRUE:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigurationError(f"{key}={env.get(key)!r} must be 1 or 0 (true/false, yes/no, on/off)")
 
 
 def _url(env: Mapping[str, str], key: str) -> str | None:

@@ -335,7 +335,7 @@ class ModelPool:
         """Queue a request for `model_id`: `UnsupportedModelError` or `ServerBusyError` at once."""
         if self.shutting_down:
             raise ShuttingDownError("the node is shutting down; send the request to another node")
-        await self.check_known(model_id)
+        model_id = await self.check_known(model_id)  # one slot for a reference and its id
         slot = self._slot(model_id, embedding)
         if slot.waiting >= self.settings.max_queue:
             raise ServerBusyError(
@@ -506,12 +506,12 @@ class ModelPool:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- turns and loading ------------------------------------------------------------------
-    async def check_known(self, model_id: str) -> None:
-        catalog = self.resolver.catalog
-        if catalog.find(model_id) is not None:
-            return
-        if await asyncio.to_thread(self.resolver.installed, model_id) is None:
-            catalog.get(model_id)  # UnsupportedModelError naming up to three close ids
+    async def check_known(self, model_id: str) -> str:
+        """The id the store knows `model_id` by (a Hub reference's derived id), or
+        `UnsupportedModelError` naming up to three close ids. No network."""
+        if self.resolver.catalog.find(model_id) is not None:
+            return model_id
+        return await asyncio.to_thread(self.resolver.check_known, model_id)
 
     def _slot(self, model_id: str, embedding: bool) -> Slot:
         slot = self._slots.get((model_id, embedding))
