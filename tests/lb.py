@@ -147,6 +147,32 @@ class LoadBalancer:
         assert body["device"]["device_type"] in ("cpu", "gpu")
         return body
 
+    def forward(self, name: str, path: str, body: dict[str, Any]) -> Forwarded:
+        """What the LB does with a client's ``POST path`` routed to `name`.
+
+        A stream of chat or completions gets ``stream_options.include_usage: true`` unless the
+        client set it (llmlb/src/api/openai.rs:981-992, `proxy_openai_post`); ``/v1/responses``
+        is passed through as it is (llmlb/src/api/responses.rs:218-259). The stream's lines are
+        read by the LB's token accumulator (llmlb/src/api/proxy.rs:104-116,
+        llmlb/src/token/mod.rs:72-133): the last ``usage`` it sees wins, ``null`` included.
+        """
+        endpoint = self.endpoints[name]
+        payload = json.loads(json.dumps(body))
+        if payload.get("stream") is True and path != "/v1/responses":
+            options = payload.setdefault("stream_options", {})
+            if isinstance(options, dict):  # a null stream_options is left alone, as in Rust
+                options.setdefault("include_usage", True)
+        headers = {"Content-Type": "application/json"}
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        data = json.dumps(payload).encode()
+        request = urllib.request.Request(endpoint.base_url + path, data, headers, method="POST")
+        try:  # the LB's inference timeout covers the whole response, streams included
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return _read_answer(response.status, response, payload.get("stream") is True)
+        except urllib.error.HTTPError as err:
+            return _read_answer(err.code, err, False)
+
     @staticmethod
     def _get(endpoint: Endpoint, path: str, timeout: float = 5.0) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
@@ -162,3 +188,70 @@ class LoadBalancer:
                 return err.code, raw
         except OSError:
             return 0, None
+
+
+@dataclass
+class Forwarded:
+    """A forwarded request's answer, and the tokens the LB counted from it."""
+
+    status: int
+    body: Any = None
+    """A whole (non-stream) answer's JSON."""
+    events: list[Any] = field(default_factory=list)
+    """A stream's ``data:`` objects in order (``[DONE]`` excluded)."""
+    done: bool = False
+    usage: dict[str, int | None] | None = None
+    """The accumulator's usage (input, output, total tokens); None: it would estimate."""
+
+
+def _read_answer(status: int, response: Any, stream: bool) -> Forwarded:
+    if not stream:
+        raw = response.read()
+        try:
+            return Forwarded(status, json.loads(raw))
+        except ValueError:
+            return Forwarded(status, raw)
+    answer = Forwarded(status)
+    for line in response:
+        _accumulate(answer, line.decode("utf-8", "replace").strip())
+    return answer
+
+
+def _accumulate(answer: Forwarded, line: str) -> None:
+    """`StreamingTokenAccumulator::process_chunk` (llmlb/src/token/mod.rs:72-112)."""
+    if not line or line.startswith(":") or not line.startswith("data:"):
+        return
+    data = line[len("data:") :].strip()
+    if data == "[DONE]":
+        answer.done = True
+        return
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return
+    answer.events.append(chunk)
+    usage = _usage_of(chunk)
+    if usage is not None:
+        answer.usage = usage
+
+
+def _usage_of(chunk: Any) -> dict[str, int | None] | None:
+    """`extract_usage_from_response` (llmlb/src/token/mod.rs:182-206): chat's and Responses'
+    names, ``usage`` at the top or in ``response``; a null usage is a usage of unknowns."""
+    if not isinstance(chunk, dict):
+        return None
+    holder = chunk if "usage" in chunk else chunk.get("response")
+    if not isinstance(holder, dict) or "usage" not in holder:
+        return None
+    usage = holder["usage"] if isinstance(holder["usage"], dict) else {}
+
+    def count(*names: str) -> int | None:
+        name = next((n for n in names if n in usage), None)
+        value = usage.get(name) if name else None
+        return value if isinstance(value, int) and value >= 0 else None
+
+    return {
+        "input_tokens": count("prompt_tokens", "input_tokens"),
+        "output_tokens": count("completion_tokens", "output_tokens"),
+        "total_tokens": count("total_tokens"),
+    }

@@ -211,7 +211,15 @@ async def _events(
             ready = await lease.wait(pool.settings.heartbeat)
         call = functools.partial(inference.stream, lease.llm, method, parsed.kwargs, parsed.model)
         async for chunk in lease.stream(call):
+            if inference.is_usage_chunk(chunk):
+                tokens = chunk["usage"]["completion_tokens"]
+                request.state.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                if parsed.include_usage:
+                    yield openai.sse(chunk)
+                continue
             tokens += 1
+            if parsed.include_usage:  # OpenAI's shape: every other chunk says usage null
+                chunk["usage"] = None
             yield openai.sse(chunk)
     except LlmlbError as exc:  # the status line is gone: an error event, then the end
         yield openai.sse(error_payload(exc)[1])

@@ -1,11 +1,13 @@
 """The blocking calls into llama.cpp that the pool runs in worker threads.
 
-They translate llama-cpp-python's `ValueError`s about the request into our 400s.
+They translate llama-cpp-python's `ValueError`s about the request into our 400s. A stream ends
+with OpenAI's usage chunk (``choices: []``, ``usage``), which the HTTP layer sends or drops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from ..lazy import LazyLlama
@@ -22,12 +24,82 @@ def call(llm: LazyLlama, method: str, kwargs: dict[str, Any], model_id: str) -> 
 
 
 def stream(llm: LazyLlama, method: str, kwargs: dict[str, Any], model_id: str) -> Iterator[Any]:
-    """``llm.<method>(stream=True, **kwargs)``, chunk by chunk."""
+    """``llm.<method>(stream=True, **kwargs)``, chunk by chunk, then the usage chunk: the
+    chunk's ``id``, ``object``, ``created`` and ``model`` with ``choices: []`` and ``usage``."""
     check_token_ids(llm, kwargs)
+    counts = count_tokens(llm.llama)
+    last = None
     try:
-        yield from getattr(llm, method)(model=model_id, stream=True, **kwargs)
+        for last in getattr(llm, method)(model=model_id, stream=True, **kwargs):
+            yield last
     except ValueError as exc:
         raise _request_error(exc, kwargs) from exc
+    if last is not None:
+        yield usage_chunk(last, counts)
+
+
+def usage_chunk(last: dict[str, Any], counts: TokenCounts) -> dict[str, Any]:
+    """OpenAI's final chunk under ``stream_options.include_usage``."""
+    head = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
+    return {**head, "choices": [], "usage": counts.usage()}
+
+
+def is_usage_chunk(chunk: dict[str, Any]) -> bool:
+    return chunk.get("choices") == [] and "usage" in chunk
+
+
+@dataclass
+class TokenCounts:
+    """The tokens of one generation, counted as llama-cpp-python counts a whole answer's usage:
+    the prompt's tokens, and every sampled token but the end-of-generation one."""
+
+    prompt: int = 0
+    completion: int = 0
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
+
+
+def count_tokens(llama: Any) -> TokenCounts:
+    """Counts of the next generation on `llama` (calls on one model are serialized).
+
+    llama-cpp-python's streams carry no usage, but every completion, chat included, runs
+    ``Llama.generate(prompt_tokens)`` and iterates the tokens it samples: wrapped once per model,
+    it counts them."""
+    counts = TokenCounts()
+    if "_llmlb_counts" not in vars(llama):
+        _wrap_generate(llama)
+    llama._llmlb_counts = counts
+    return counts
+
+
+def _wrap_generate(llama: Any) -> None:
+    from llama_cpp import llama_vocab_is_eog
+
+    generate = llama.generate
+    vocab = llama._model.vocab
+
+    def counting_generate(tokens: Any, *args: Any, **kwargs: Any) -> Iterator[int]:
+        counts: TokenCounts = llama._llmlb_counts
+        counts.prompt, counts.completion = len(tokens), 0
+        inner = generate(tokens, *args, **kwargs)
+        try:
+            sent = None
+            while True:
+                token = inner.send(sent)
+                if not llama_vocab_is_eog(vocab, token):
+                    counts.completion += 1
+                sent = yield token
+        except StopIteration:
+            return
+        finally:
+            inner.close()
+
+    llama.generate = counting_generate
 
 
 def embed(llm: LazyLlama, kwargs: dict[str, Any], model_id: str) -> dict[str, Any]:

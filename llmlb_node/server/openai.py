@@ -11,7 +11,7 @@ import json
 import struct
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -144,6 +144,7 @@ COMPLETION: dict[str, tuple[Check, str]] = {
     "echo": (_is(bool), "true or false"),
     "logprobs": (_integer(0, 20), "a whole number between 0 and 20"),
     "best_of": (_exactly_one, "1 (this node makes one choice)"),
+    "stream_options": (_stream_options, "an object whose include_usage is true or false"),
 }
 # Parameters we accept but do not pass to llama.cpp.
 _NOT_PASSED = {"stream", "n", "user", "stream_options", "max_completion_tokens", "best_of"}
@@ -159,6 +160,8 @@ class ParsedRequest:
     keep_alive: float | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     encoding_format: str = "float"
+    include_usage: bool = False
+    """``stream_options.include_usage``: the stream ends with a usage chunk."""
 
 
 MAX_BODY_BYTES = 16 << 20
@@ -247,7 +250,7 @@ def parse_embedding(body: Mapping[str, Any]) -> ParsedRequest:
             "'encoding_format' must be 'float' or 'base64'", "encoding_format"
         )
     parsed = _parsed(body, {"input": value})
-    return ParsedRequest(parsed.model, False, parsed.keep_alive, parsed.kwargs, encoding)
+    return replace(parsed, stream=False, encoding_format=encoding)
 
 
 def _parsed(body: Mapping[str, Any], kwargs: dict[str, Any]) -> ParsedRequest:
@@ -260,7 +263,14 @@ def _parsed(body: Mapping[str, Any], kwargs: dict[str, Any]) -> ParsedRequest:
             keep_alive = parse_duration(keep_alive)
         except ValueError as exc:
             raise InvalidRequestError(str(exc), "keep_alive") from None
-    return ParsedRequest(model, bool(body.get("stream")), keep_alive, kwargs)
+    stream = bool(body.get("stream"))
+    options = body.get("stream_options")
+    if options is not None and not stream:  # as OpenAI answers it
+        raise InvalidRequestError(
+            "'stream_options' is only allowed when 'stream' is true", "stream_options"
+        )
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return ParsedRequest(model, stream, keep_alive, kwargs, include_usage=include_usage)
 
 
 def _required(body: Mapping[str, Any], name: str) -> Any:

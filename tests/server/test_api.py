@@ -65,6 +65,9 @@ def test_unknown_model_is_model_not_found_with_close_ids_and_no_network(world: W
         ({**CHAT, "response_format": {"type": "xml"}}, "response_format"),
         ({**CHAT, "keep_alive": "soon"}, "keep_alive"),
         ({**CHAT, "model": 7}, "model"),
+        ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),  # no stream
+        ({**CHAT, "stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
+        ({**CHAT, "stream": True, "stream_options": []}, "stream_options"),
     ],
 )
 def test_bad_chat_requests_are_400_naming_the_parameter(
@@ -85,6 +88,21 @@ def test_bad_chat_requests_are_400_naming_the_parameter(
         ("/v1/completions", {"model": MODEL_ID}, "prompt"),
         ("/v1/completions", {"model": MODEL_ID, "prompt": {"a": 1}}, "prompt"),
         ("/v1/completions", {"model": MODEL_ID, "prompt": "x", "echo": 1}, "echo"),
+        (
+            "/v1/completions",
+            {
+                "model": MODEL_ID,
+                "prompt": "x",
+                "stream": True,
+                "stream_options": {"include_usage": "y"},
+            },
+            "stream_options",
+        ),
+        (
+            "/v1/completions",
+            {"model": MODEL_ID, "prompt": "x", "stream_options": {}},
+            "stream_options",
+        ),
         ("/v1/embeddings", {"model": MODEL_ID}, "input"),
         ("/v1/embeddings", {"model": MODEL_ID, "input": [1.5]}, "input"),
         (
