@@ -358,10 +358,10 @@ def task_download(a: dict[str, Any]) -> dict[str, Any]:
 def _time_gguf_checks(out: dict[str, Any]) -> list[dict[str, Any]]:
     """Time each structural GGUF check the install makes at its end (and whether its header was
     already parsed while the bytes arrived)."""
-    import llmlb_node.download as download
+    from llmlb_node.download import checks as download_checks
 
     checks: list[dict[str, Any]] = []
-    real = download.verify_gguf
+    real = download_checks.verify_gguf
 
     def verify(path: Any, filename: str, header: Any = None) -> Any:
         t = time.perf_counter()
@@ -370,7 +370,7 @@ def _time_gguf_checks(out: dict[str, Any]) -> list[dict[str, Any]]:
         finally:
             checks.append({"s": time.perf_counter() - t, "probed": header is not None})
 
-    download.verify_gguf = verify
+    download_checks.verify_gguf = verify
     return checks
 
 

@@ -1068,7 +1068,7 @@ def top_cprofile(path: Path, n: int = 5, only: str | None = None) -> str:
     return "own time: " + ", ".join(f"{where(k)} {100 * v[2] / total:.0f}%" for k, v in top)
 
 
-_FOCUS = ("llmlb_node/resolver.py", "llmlb_node/download.py", "threading.py")
+_FOCUS = ("llmlb_node/resolver.py", "llmlb_node/download/", "threading.py")
 
 
 def summarize_py_spy(raw: Path, out: Path, top: int = 30) -> str:

@@ -337,11 +337,11 @@ def test_data_is_on_disk_before_the_sidecar_vouches_for_it(
 ) -> None:
     # A power cut cannot be staged here; what makes it safe can be observed: every sidecar
     # write that claims bytes comes after an fdatasync of the partial file, and is fsynced.
-    import llmlb_node.download as download
     from llmlb_node import store
+    from llmlb_node.download import disk
 
     events: list[tuple[str, int]] = []
-    real_sync, real_write = download._fdatasync, store.write_atomic
+    real_sync, real_write = disk.fdatasync, store.write_atomic
 
     def sync(fd: int) -> None:
         real_sync(fd)
@@ -352,7 +352,7 @@ def test_data_is_on_disk_before_the_sidecar_vouches_for_it(
         claimed = sum(s[2] - s[0] for s in json.loads(data).get("segments", []))
         events.append(("sidecar-durable" if fsync else "sidecar", claimed))
 
-    monkeypatch.setattr(download, "_fdatasync", sync)
+    monkeypatch.setattr(disk, "fdatasync", sync)
     monkeypatch.setattr(store, "write_atomic", write)
     world.hub.cdn.rate_limit(1 * MIB)
 
@@ -483,13 +483,13 @@ def test_bodies_are_read_in_large_blocks_with_the_installed_httpx(world: World) 
     if httpx or httpcore change their insides this fails, rather than silently slowing down."""
     import httpx
 
-    from llmlb_node.download import _read_in_large_blocks
+    from llmlb_node.download.http import read_in_large_blocks
 
     with httpx.Client() as client:
         request = client.build_request("GET", world.hub.file_url(REPO, FILENAME))
         response = client.send(request, stream=True, follow_redirects=True)
         try:
-            assert _read_in_large_blocks(response)
+            assert read_in_large_blocks(response)
             assert b"".join(response.iter_raw()) == world.content
         finally:
             response.close()

@@ -394,17 +394,17 @@ def test_manual_adoption_needs_a_whole_gguf(world: World, damage: str) -> None:
 def test_a_large_truncated_gguf_is_caught_by_the_header_parsed_during_the_transfer(
     world: World, serve: Callable[..., ScriptedServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import llmlb_node.download as download
+    from llmlb_node.download import checks
 
     content = make_gguf(24 * 1024 * 1024, seed=45)
     headers_seen: list[bool] = []
-    real = download.verify_gguf
+    real = checks.verify_gguf
 
     def verify(path: Any, filename: str, header: Any = None) -> Any:
         headers_seen.append(header is not None)
         return real(path, filename, header)
 
-    monkeypatch.setattr(download, "verify_gguf", verify)
+    monkeypatch.setattr(checks, "verify_gguf", verify)
     server = serve(lambda rec: Reply(200, {}, content, cut=20 * 1024 * 1024))
     _as_url(world, server, "big", "big.gguf")
 

@@ -1,7 +1,7 @@
 """The seam between the resolver and the places bytes come from.
 
 A `Source` answers one question, `locate(entry, file) -> Remote`: where are this file's bytes?
-It knows nothing of locks, partial files or progress; `download.py` fetches what it returns.
+It knows nothing of locks, partial files or progress; `download/` fetches what it returns.
 """
 
 from __future__ import annotations
