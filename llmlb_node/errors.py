@@ -227,3 +227,16 @@ class UnsupportedArchitectureError(UnsupportedModelError):
             f"not one that llama-cpp-python {llama_cpp_version} knows; nothing but its header "
             "was downloaded. A newer llama-cpp-python may support it.",
         )
+
+
+class PromptTooLongError(LlmlbError, ValueError):
+    """The prompt needs more tokens than one sequence of the engine's context holds."""
+
+    def __init__(self, message: str, prompt_tokens: int, n_ctx: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
+        super().__init__(message)
+
+
+class GenerationError(LlmlbError):
+    """llama.cpp failed to evaluate a batch: the sequences in it ended without their answer."""
