@@ -86,6 +86,7 @@ def test_concurrent_streams_decode_in_one_batch(engine: Engine, llama: llama_cpp
         assert generation.completion_tokens == 16
     # One at a time would take 4 x 16 steps; batched, the four share (nearly) every step. (The
     # engine may take a step between two submit() calls, so the first steps can be ragged.)
+    assert until(engine.scheduler.idle)
     stats = engine.stats
     assert stats.decoded_tokens == 4 * 15  # the 16th token of each is sampled, never fed back
     assert stats.sequences_per_step[4] >= 12
