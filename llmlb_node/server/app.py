@@ -1,4 +1,4 @@
-"""The node's HTTP surface: the route table, the error table, and the lifespan that owns the pool.
+"""The node's HTTP surface: the route table, the error handler, and the lifespan that owns the pool.
 
 Handlers validate, wait for the pool and shape answers; the pool owns every model.
 """
@@ -22,62 +22,21 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import (
-    CatalogError,
-    InsufficientDiskSpaceError,
-    IntegrityError,
-    LlmlbError,
-    ModelDownloadError,
-    ModelLoadError,
-    UnsupportedModelError,
-)
+from ..errors import LlmlbError, ModelDownloadError, UnsupportedModelError
 from . import blob, inference, lb, management, metrics, models, openai, shutdown, ui
-from .errors import (
-    ContextLengthExceededError,
-    GenerationCancelledError,
-    InsufficientMemoryError,
-    InvalidRequestError,
-    ModelBusyError,
-    ModelLoadingError,
-    RequestTooLargeError,
-    ServerBusyError,
-    ShuttingDownError,
-    UnauthorizedError,
-)
+from .errors import GenerationCancelledError, UnauthorizedError, classify
 from .pool import Lease, ModelPool, describe
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("llmlb_node.server.access")
 
-# Our exception tree -> (HTTP status, OpenAI error type, code). The most specific class wins.
-ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
-    UnsupportedModelError: (404, "invalid_request_error", "model_not_found"),
-    ContextLengthExceededError: (400, "invalid_request_error", "context_length_exceeded"),
-    RequestTooLargeError: (413, "invalid_request_error", "request_too_large"),
-    InvalidRequestError: (400, "invalid_request_error", None),
-    UnauthorizedError: (401, "invalid_request_error", "invalid_api_key"),
-    ServerBusyError: (429, "server_error", "server_busy"),
-    ModelBusyError: (409, "invalid_request_error", "model_in_use"),
-    ShuttingDownError: (503, "server_error", "shutting_down"),
-    ModelDownloadError: (502, "server_error", "download_failed"),
-    IntegrityError: (502, "server_error", "download_failed"),
-    InsufficientDiskSpaceError: (507, "server_error", "insufficient_storage"),
-    InsufficientMemoryError: (507, "server_error", "insufficient_memory"),
-    ModelLoadError: (500, "server_error", "model_load_failed"),
-    ModelLoadingError: (503, "server_error", "model_loading"),
-    GenerationCancelledError: (499, "server_error", "client_closed_request"),
-    CatalogError: (500, "server_error", "catalog_error"),
-    LlmlbError: (500, "server_error", "internal_error"),
-}
 FIRST_WAIT = 2.0  # a stream waits this long for its model before committing to 200 + comments
 
 
 def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """Status, OpenAI error body and headers for one of our exceptions."""
-    status, type_, code = next(
-        (ERRORS[c] for c in type(exc).__mro__ if c in ERRORS), (500, "server_error", None)
-    )
+    status, type_, code = classify(exc)
     param = getattr(exc, "param", None)
     if isinstance(exc, UnsupportedModelError):
         param = "model"
@@ -124,9 +83,11 @@ async def embeddings(request: Request) -> Response:
     parsed = openai.parse_embedding(await openai.read_json(request))
     request.state.model = parsed.model
     pool: ModelPool = request.state.pool
-    async with pool.ready(parsed.model, embedding=True, keep_alive=parsed.keep_alive) as lease:
-        call = functools.partial(inference.embed, lease.llm, parsed.kwargs, parsed.model)
-        result = await _unless_disconnected(request, lease.run(call))
+    lease = await pool.admit(parsed.model, embedding=True, keep_alive=parsed.keep_alive)
+    try:
+        result = await _unless_disconnected(request, _embed(lease, parsed))
+    finally:
+        lease.release()
     request.state.tokens = (result.get("usage") or {}).get("total_tokens")
     request.state.prompt_tokens = (result.get("usage") or {}).get("prompt_tokens")
     return JSONResponse(openai.embeddings_response(result, parsed.model, parsed.encoding_format))
@@ -173,10 +134,8 @@ async def _generate(request: Request, parsed: openai.ParsedRequest, method: str)
     lease = await pool.admit(parsed.model, keep_alive=parsed.keep_alive)
     if parsed.stream:
         return await _start_stream(request, lease, parsed, method)
-    try:
-        await lease.wait()
-        call = functools.partial(inference.call, lease.llm, method, parsed.kwargs, parsed.model)
-        result = await _unless_disconnected(request, lease.run(call))
+    try:  # a client that leaves while queued gives its LLMLB_MAX_QUEUE place back at once
+        result = await _unless_disconnected(request, _answer(lease, parsed, method))
     finally:
         lease.release()
     request.state.tokens = (result.get("usage") or {}).get("completion_tokens")
@@ -184,11 +143,23 @@ async def _generate(request: Request, parsed: openai.ParsedRequest, method: str)
     return JSONResponse(result)
 
 
+async def _answer(lease: Lease, parsed: openai.ParsedRequest, method: str) -> Any:
+    await lease.wait()
+    call = functools.partial(inference.call, lease.llm, method, parsed.kwargs, parsed.model)
+    return await lease.run(call)
+
+
+async def _embed(lease: Lease, parsed: openai.ParsedRequest) -> Any:
+    await lease.wait()
+    call = functools.partial(inference.embed, lease.llm, parsed.kwargs, parsed.model)
+    return await lease.run(call)
+
+
 async def _start_stream(
     request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str
 ) -> Response:
     try:  # errors known at once (a failed download, a full queue) keep their HTTP status
-        ready = await lease.wait(FIRST_WAIT)
+        ready = await _unless_disconnected(request, lease.wait(FIRST_WAIT))
     except BaseException:
         lease.release()
         raise
@@ -208,7 +179,7 @@ async def _events(
         while not ready:  # a comment now, then one per heartbeat until the model is ours
             status = await pool.status(parsed.model)
             yield openai.sse_comment(describe(status, pool.state(parsed.model)))
-            ready = await lease.wait(pool.settings.heartbeat)
+            ready = await _unless_disconnected(request, lease.wait(pool.settings.heartbeat))
         call = functools.partial(inference.stream, lease.llm, method, parsed.kwargs, parsed.model)
         async for chunk in lease.stream(call):
             if inference.is_usage_chunk(chunk):

@@ -1,11 +1,20 @@
-"""The failures only the node has: bad requests, a full queue, a model still loading.
+"""The failures only the node has (bad requests, a full queue, a model still loading), and the
+table that turns the whole tree, the library's and these, into OpenAI error answers.
 
-They join the library's tree under `LlmlbError`; `app.py` maps the whole tree to HTTP answers.
+They join the library's tree under `LlmlbError`; `app.py`'s one handler answers with `ERRORS`.
 """
 
 from __future__ import annotations
 
-from ..errors import LlmlbError
+from ..errors import (
+    CatalogError,
+    InsufficientDiskSpaceError,
+    IntegrityError,
+    LlmlbError,
+    ModelDownloadError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
 from ..errors import ModelBusyError as ModelBusyError  # the library's, raised here too
 
 
@@ -72,3 +81,31 @@ class InsufficientMemoryError(LlmlbError):
         self.needed = needed
         self.budget = budget
         super().__init__(message)
+
+
+# Our exception tree -> (HTTP status, OpenAI error type, code). The most specific class wins.
+ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
+    UnsupportedModelError: (404, "invalid_request_error", "model_not_found"),
+    ContextLengthExceededError: (400, "invalid_request_error", "context_length_exceeded"),
+    RequestTooLargeError: (413, "invalid_request_error", "request_too_large"),
+    InvalidRequestError: (400, "invalid_request_error", None),
+    UnauthorizedError: (401, "invalid_request_error", "invalid_api_key"),
+    ServerBusyError: (429, "server_error", "server_busy"),
+    ModelBusyError: (409, "invalid_request_error", "model_in_use"),
+    ShuttingDownError: (503, "server_error", "shutting_down"),
+    ModelDownloadError: (502, "server_error", "download_failed"),
+    IntegrityError: (502, "server_error", "download_failed"),
+    InsufficientDiskSpaceError: (507, "server_error", "insufficient_storage"),
+    InsufficientMemoryError: (507, "server_error", "insufficient_memory"),
+    ModelLoadError: (500, "server_error", "model_load_failed"),
+    ModelLoadingError: (503, "server_error", "model_loading"),
+    GenerationCancelledError: (499, "server_error", "client_closed_request"),
+    CatalogError: (500, "server_error", "catalog_error"),
+    LlmlbError: (500, "server_error", "internal_error"),
+}
+
+
+def classify(exc: BaseException) -> tuple[int, str, str | None]:
+    """(HTTP status, OpenAI error type, code) for `exc`: its most specific class in `ERRORS`."""
+    found = (ERRORS[c] for c in type(exc).__mro__ if c in ERRORS)
+    return next(found, (500, "server_error", None))

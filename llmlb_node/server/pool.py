@@ -1,6 +1,7 @@
 """Loaded models: one slot per model with named states, residency, FIFO turns and keep-alive.
 
-Handlers only ``async with pool.ready(model_id) as lease``; every state check lives in this module.
+Handlers only ``lease = await pool.admit(model_id)``, ``await lease.wait()``, ``lease.run(...)`` or
+``lease.stream(...)`` and ``lease.release()``; every state check lives in this module.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -61,7 +63,11 @@ _RESIDENT = frozenset({SlotState.LOADING, SlotState.READY, SlotState.UNLOADING})
 
 
 class Slot:
-    """One model (or its embedding context) on this node: its state and who is using it."""
+    """One model (or its embedding context) on this node: its state and its requests.
+
+    Requests wait in `waiting` (for the load, then for a turn) and generate in `running`; every
+    count the node reports is the length of one of the two.
+    """
 
     def __init__(self, model_id: str, embedding: bool, llm: LazyLlama, keep_alive: float) -> None:
         self.model_id = model_id
@@ -70,11 +76,12 @@ class Slot:
         self.state = SlotState.UNLOADED
         self.error: BaseException | None = None
         self.failed_at = 0.0
-        self.users = 0
-        """Admitted requests not finished yet (waiting, queued or running)."""
-        self.waiting = 0
-        """Admitted requests that do not hold the model's turn yet."""
-        self.turn = asyncio.Lock()  # FIFO: asyncio wakes waiters in arrival order
+        self.waiting: deque[Lease] = deque()
+        """Admitted requests without a turn yet, in arrival order."""
+        self.running: deque[Lease] = deque()
+        """Requests holding a turn: at most `capacity`."""
+        self.capacity = 1
+        """Requests that generate at once (one llama.cpp context answers one at a time)."""
         self.cancel = threading.Event()
         """Set when the running request's client went away: its generation stops at once."""
         self.last_used = time.monotonic()
@@ -87,6 +94,13 @@ class Slot:
         """The download status when the model became ready (answered from memory)."""
         self.need: memory.MemoryNeed | None = None
         """What the model will occupy, from its GGUF header (known once it is on disk)."""
+        self.reserved = False
+        """Its `need` passed the memory budget: it counts against the others' loads."""
+
+    @property
+    def users(self) -> int:
+        """Admitted requests not finished yet (waiting or running)."""
+        return len(self.waiting) + len(self.running)
 
     def move(self, new: SlotState) -> None:
         """Change state along `TRANSITIONS`; anything else is a bug in this module."""
@@ -94,6 +108,8 @@ class Slot:
             raise RuntimeError(f"{self}: {self.state.value} -> {new.value} is not allowed")
         log.debug("%s: %s -> %s", self, self.state.value, new.value)
         self.state = new
+        if new in (SlotState.UNLOADED, SlotState.FAILED):
+            self.reserved = False
 
     def __str__(self) -> str:
         return f"{self.model_id} (embeddings)" if self.embedding else self.model_id
@@ -128,20 +144,21 @@ class PoolObserver:
 
 
 class Lease:
-    """One request's claim on one model: admitted, then waiting, then holding the model's turn.
+    """One request's claim on one model: admitted, then waiting, then holding a turn.
 
     `release()` is synchronous and safe to call from a cancelled task: if a worker thread is
     still running for this lease, the turn passes on when that thread returns.
     """
 
-    def __init__(self, pool: ModelPool, slot: Slot, keep_alive: float, deadline: float) -> None:
+    def __init__(self, pool: ModelPool, slot: Slot, deadline: float) -> None:
         self._pool = pool
         self._slot = slot
-        self.keep_alive = keep_alive
         self._deadline = deadline
-        self._task: asyncio.Task[None] | None = None
+        self._granted: asyncio.Future[BaseException | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        """Done when the pool gives this request a turn (None) or its load failed (the error)."""
         self._worker: asyncio.Future[Any] | None = None
-        self._held = False
         self._released = False
 
     @property
@@ -158,34 +175,32 @@ class Lease:
         Raises the load's error, or `ModelLoadingError` once LLMLB_LOAD_WAIT has passed while
         the model is still downloading or loading (the load goes on for the next request).
         """
-        if self._held:
-            return True
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._pool._take_turn(self._slot))
         loop = asyncio.get_running_loop()
         timeout = step
         loading = self._slot.state is not SlotState.READY
         if loading:
             left = max(0.0, self._deadline - loop.time())
             timeout = left if step is None else min(step, left)
-        await asyncio.wait({self._task}, timeout=timeout)
-        if self._task.done():
-            self._task.result()  # the load's error, if it failed
-            self._held = True
-            self._slot.waiting -= 1
-            self._slot.cancel.clear()
+        if not self._granted.done():
+            await asyncio.wait({self._granted}, timeout=timeout)
+        if self._granted.done():
+            error = self._granted.result()
+            if error is not None:
+                raise error
             return True
         if loading and loop.time() >= self._deadline:
             raise await self._pool.loading_error(self._slot.model_id)
         return False
 
+    def grant(self, error: BaseException | None = None) -> None:
+        """The pool's answer: a turn (no `error`) or the reason there will be none."""
+        self._granted.set_result(error)
+
     async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` in a worker thread; cancelling stops it at the next token."""
-        loop = asyncio.get_running_loop()
-        call = functools.partial(fn, *args, **kwargs)
-        self._worker = loop.run_in_executor(self._pool.executor, call)
+        worker = self._start(functools.partial(fn, *args, **kwargs))
         try:
-            return await asyncio.shield(self._worker)
+            return await asyncio.shield(worker)
         except asyncio.CancelledError:
             self._slot.cancel.set()
             raise
@@ -214,7 +229,7 @@ class Lease:
             else:
                 put((_END, None))
 
-        self._worker = loop.run_in_executor(self._pool.executor, pump)
+        worker = self._start(pump)
         try:
             while True:
                 item, exc = await queue.get()
@@ -224,39 +239,39 @@ class Lease:
                     return
                 yield item
         finally:
-            if not self._worker.done():
+            if not worker.done():
                 cancel.set()
+
+    def _start(self, call: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run `call` in the pool's threads: the one place where this request's model works."""
+        worker = asyncio.get_running_loop().run_in_executor(self._pool.executor, call)
+        worker.add_done_callback(_retrieved)  # a request gone before its answer reads no error
+        self._worker = worker
+        return worker
 
     def release(self) -> None:
         """Give the turn to the next request (after this request's worker thread returns)."""
         if self._released:
             return
         self._released = True
-        task = self._task
-        if task is not None and not task.done():
-            task.cancel()
-            task.add_done_callback(lambda _: self._after_wait())
-        else:
-            self._after_wait()
+        slot, worker = self._slot, self._worker
+        if self in slot.waiting:
+            slot.waiting.remove(self)
+        elif worker is not None and not worker.done():
+            slot.cancel.set()  # the request is over: its generation stops now
+            worker.add_done_callback(lambda _: self._leave())
+            return
+        self._leave()
 
-    def _after_wait(self) -> None:
-        worker = self._worker
-        if worker is not None and not worker.done():
-            self._slot.cancel.set()  # the request is over: its generation stops now
-            worker.add_done_callback(lambda _: self._finish())
-        else:
-            self._finish()
+    def _leave(self) -> None:
+        if self in self._slot.running:
+            self._slot.running.remove(self)
+        self._pool._finished(self._slot)
 
-    def _finish(self) -> None:
-        task, slot = self._task, self._slot
-        acquired = task is not None and not task.cancelled() and task.exception() is None
-        if acquired:
-            if not self._held:  # the turn arrived after the wait gave up on it
-                slot.waiting -= 1
-            slot.turn.release()
-        else:
-            slot.waiting -= 1
-        self._pool._finished(slot)
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 _END = object()
@@ -309,7 +324,9 @@ class ModelPool:
         workers = 4 * settings.max_loaded_models + 4  # a load, a generation, a close per model
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="llmlb-model")
         self._slots: dict[tuple[str, bool], Slot] = {}
-        self._changed = asyncio.Condition()
+        self._sleepers: list[asyncio.Future[None]] = []
+        """The loads waiting for another model to become idle or leave (`_changed`)."""
+        self._removing: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
         self.shutting_down = False
         """Set when the node stops taking requests: /api/health answers 503 ``offline``."""
@@ -337,20 +354,21 @@ class ModelPool:
             raise ShuttingDownError("the node is shutting down; send the request to another node")
         model_id = await self.check_known(model_id)  # one slot for a reference and its id
         slot = self._slot(model_id, embedding)
-        if slot.waiting >= self.settings.max_queue:
+        if len(slot.waiting) >= self.settings.max_queue:
             raise ServerBusyError(
-                f"model {model_id!r} has {slot.waiting} requests waiting "
+                f"model {model_id!r} has {len(slot.waiting)} requests waiting "
                 f"(LLMLB_MAX_QUEUE={self.settings.max_queue}); retry shortly",
                 retry_after=1,
             )
-        slot.users += 1
-        slot.waiting += 1
         slot.keep_alive = self.settings.keep_alive if keep_alive is None else keep_alive
         if slot.timer is not None:
             slot.timer.cancel()
             slot.timer = None
         deadline = asyncio.get_running_loop().time() + self.settings.load_wait
-        return Lease(self, slot, slot.keep_alive, deadline)
+        lease = Lease(self, slot, deadline)
+        slot.waiting.append(lease)
+        self._schedule(slot)
+        return lease
 
     def loaded(self) -> set[str]:
         """Ids of the models loaded now (from memory: never waits)."""
@@ -364,7 +382,7 @@ class ModelPool:
         """True when models are loaded and each has LLMLB_MAX_QUEUE requests waiting: a new
         request for any of them would get 429, so a load balancer should send it elsewhere."""
         ready = [s for s in self._slots.values() if s.state is SlotState.READY]
-        return bool(ready) and all(s.waiting >= self.settings.max_queue for s in ready)
+        return bool(ready) and all(len(s.waiting) >= self.settings.max_queue for s in ready)
 
     def snapshot(self) -> list[SlotInfo]:
         """Every model context the pool holds or tracks, from memory (never waits)."""
@@ -376,14 +394,13 @@ class ModelPool:
             expires = None
             if slot.timer is not None and not slot.users:
                 expires = wall + slot.timer.when() - asyncio.get_running_loop().time()
-            queued = slot.waiting
             infos.append(
                 SlotInfo(
                     slot.model_id,
                     slot.embedding,
                     slot.state,
-                    slot.users - queued,
-                    queued,
+                    len(slot.running),
+                    len(slot.waiting),
                     wall - (now - slot.last_used),
                     expires,
                     slot.rss_bytes,
@@ -398,31 +415,32 @@ class ModelPool:
         True if something was loaded.
         """
         slots = [s for s in self._slots.values() if s.model_id == model_id]
-        async with self._changed:
-            self._check_idle(model_id, slots)
-            victims = [s for s in slots if s.state is SlotState.READY]
-            for slot in victims:
-                if slot.timer is not None:
-                    slot.timer.cancel()
-                    slot.timer = None
-                slot.move(SlotState.UNLOADING)
-            self._changed.notify_all()
-        for slot in victims:
+        self._check_idle(model_id, slots)
+        victims = [s for s in slots if s.state is SlotState.READY]
+        for slot in victims:  # all at once: no request can slip in between
             log.info("%s: unloading (asked to)", slot)
-            await self._unload(slot)
+            self._set(slot, SlotState.UNLOADING)
+        for slot in victims:
+            await self._close(slot)
         return bool(victims)
 
     async def remove(self, model_id: str) -> bool:
         """Unload the model, then delete its files; `ModelBusyError` while it is in use."""
         await self.unload(model_id)
-        async with self._changed:
-            self._check_idle(model_id, [s for s in self._slots.values() if s.model_id == model_id])
-            status = await self.status(model_id)
-            if status.status in ("downloading", "waiting"):
-                raise ModelBusyError(
-                    f"model {model_id!r} is downloading; wait for it to finish, then delete it"
-                )
+        slots = [s for s in self._slots.values() if s.model_id == model_id]
+        status = await self.status(model_id)
+        self._check_idle(model_id, slots)
+        if status.status in ("downloading", "waiting"):
+            raise ModelBusyError(
+                f"model {model_id!r} is downloading; wait for it to finish, then delete it"
+            )
+        self._removing.add(model_id)  # requests arriving now wait for the files to go first
+        try:
             return await asyncio.to_thread(self.resolver.remove, model_id)
+        finally:
+            self._removing.discard(model_id)
+            for slot in slots:
+                self._schedule(slot)
 
     @staticmethod
     def _check_idle(model_id: str, slots: list[Slot]) -> None:
@@ -466,7 +484,7 @@ class ModelPool:
     def usage(self, model_id: str) -> tuple[int, int]:
         """(requests running, requests waiting) for the model, over its contexts."""
         slots = [s for (m, _), s in self._slots.items() if m == model_id]
-        return sum(s.users - s.waiting for s in slots), sum(s.waiting for s in slots)
+        return sum(len(s.running) for s in slots), sum(len(s.waiting) for s in slots)
 
     async def status(self, model_id: str) -> ModelStatus:
         """The model's download status (ModelResolutionStatus).
@@ -527,46 +545,54 @@ class ModelPool:
             )
         return slot
 
-    async def _take_turn(self, slot: Slot) -> None:
-        while True:
-            await self._until_ready(slot)
-            await slot.turn.acquire()
-            if slot.state is SlotState.READY:
-                return
-            slot.turn.release()
+    def _schedule(self, slot: Slot) -> None:
+        """Give free turns to waiting requests in arrival order, or start the load they need."""
+        if slot.state is SlotState.READY:
+            while slot.waiting and len(slot.running) < slot.capacity:
+                lease = slot.waiting.popleft()
+                slot.running.append(lease)
+                slot.cancel.clear()
+                lease.grant()
+        elif slot.state is SlotState.FAILED and self._recent_failure(slot):
+            while slot.waiting:
+                slot.waiting.popleft().grant(slot.error)
+        elif slot.state in (SlotState.UNLOADED, SlotState.FAILED) and self._wants_load(slot):
+            slot.load_task = self._spawn(self._load(slot))
 
-    async def _until_ready(self, slot: Slot) -> None:
-        async with self._changed:
-            while slot.state is not SlotState.READY:
-                if slot.state is SlotState.FAILED and self._recent_failure(slot):
-                    assert slot.error is not None
-                    raise slot.error
-                if slot.state in (SlotState.UNLOADED, SlotState.FAILED) and not slot.load_task:
-                    slot.load_task = asyncio.create_task(self._load(slot))
-                await self._changed.wait()
+    def _wants_load(self, slot: Slot) -> bool:
+        return bool(slot.waiting) and slot.load_task is None and slot.model_id not in self._removing
 
     def _recent_failure(self, slot: Slot) -> bool:
         return time.monotonic() - slot.failed_at < self.settings.failure_ttl
 
     async def _load(self, slot: Slot) -> None:
+        """UNLOADED or FAILED -> LOADING -> READY or FAILED, making room on the way."""
         try:
-            await self._make_room(slot)
-            await self._move(slot, SlotState.LOADING)
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(self.executor, self._resolve_blocking, slot)
-                await self._make_memory_room(slot)
-                await loop.run_in_executor(self.executor, self._load_blocking, slot)
-            except Exception as exc:
-                log.warning("%s: load failed: %s", slot, exc)
-                slot.error = exc if isinstance(exc, LlmlbError) else _load_error(slot, exc)
-                slot.failed_at = time.monotonic()
-                await self._move(slot, SlotState.FAILED)
-            else:
-                slot.error = None
-                await self._move(slot, SlotState.READY)
-        finally:
+            await self._evict_until(slot, self._fits_count, f"to load {slot}")
+        except BaseException:
             slot.load_task = None
+            raise
+        self._set(slot, SlotState.LOADING)
+        try:
+            await self._load_steps(slot)
+        except Exception as exc:
+            log.warning("%s: load failed: %s", slot, exc)
+            slot.error = exc if isinstance(exc, LlmlbError) else _load_error(slot, exc)
+            slot.failed_at = time.monotonic()
+            outcome = SlotState.FAILED
+        else:
+            slot.error = None
+            outcome = SlotState.READY
+        slot.load_task = None
+        self._set(slot, outcome)
+
+    async def _load_steps(self, slot: Slot) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self._resolve_blocking, slot)
+        if slot.need is not None:
+            why = f"to make room for {slot}, which needs {slot.need.describe()}"
+            await self._evict_until(slot, functools.partial(self._fits_memory, slot), why)
+        await loop.run_in_executor(self.executor, self._load_blocking, slot)
 
     def _resolve_blocking(self, slot: Slot) -> None:
         """Download the model if needed, then read what it will occupy from its header."""
@@ -586,70 +612,50 @@ class ModelPool:
         _install_cancel_hook(llama, slot.cancel)
         slot.status = self.resolver.status(slot.model_id)  # type: ignore[assignment]
 
-    async def _make_room(self, slot: Slot) -> None:
-        """Unload least recently used idle models until `slot` fits; wait while none is idle."""
-        while True:
-            async with self._changed:
-                victim = None
-                while victim is None:
-                    resident = [
-                        s for s in self._slots.values() if s is not slot and s.state in _RESIDENT
-                    ]
-                    if len(resident) < self.settings.max_loaded_models:
-                        return
-                    idle = [s for s in resident if s.state is SlotState.READY and not s.users]
-                    if idle:
-                        victim = min(idle, key=lambda s: s.last_used)
-                    else:
-                        await self._changed.wait()
-                log.info("%s: unloading (least recently used) to load %s", victim, slot)
-                victim.move(SlotState.UNLOADING)
-                self._changed.notify_all()
-            await self._unload(victim)
+    # -- room: one eviction loop, two limits ---------------------------------------------------
+    async def _evict_until(self, slot: Slot, fits: Callable[[list[Slot]], bool], why: str) -> None:
+        """Unload the least recently used idle models until `fits(the other resident models)`;
+        wait while none is idle. Checking and claiming happen with no await in between, so two
+        loads never both count on the same room."""
+        while not fits(others := self._resident(but=slot)):
+            idle = [s for s in others if s.state is SlotState.READY and not s.users]
+            if not idle:
+                await self._changed()
+                continue
+            victim = min(idle, key=lambda s: s.last_used)
+            log.info("%s: unloading (least recently used) %s", victim, why)
+            self._set(victim, SlotState.UNLOADING)
+            await self._close(victim)
 
-    async def _make_memory_room(self, slot: Slot) -> None:
-        """Unload least recently used idle models until `slot`'s memory need fits the budget;
-        wait while the others are busy; `InsufficientMemoryError` if it cannot fit even alone."""
+    def _resident(self, but: Slot) -> list[Slot]:
+        return [s for s in self._slots.values() if s is not but and s.state in _RESIDENT]
+
+    def _fits_count(self, others: list[Slot]) -> bool:
+        return len(others) < self.settings.max_loaded_models
+
+    def _fits_memory(self, slot: Slot, others: list[Slot]) -> bool:
+        """True (and `slot` reserves its need) if it fits beside the models that reserved
+        theirs; a load still waiting for room reserves nothing, so two cannot wait on each
+        other. `InsufficientMemoryError` if it cannot fit even alone."""
         need = slot.need
-        if need is None:
-            return
-        while True:
-            async with self._changed:
-                victim = None
-                while victim is None:
-                    others = [
-                        s for s in self._slots.values() if s is not slot and s.state in _RESIDENT
-                    ]
-                    held = sum(s.need.ram_bytes for s in others if s.need is not None)
-                    available = memory.available_bytes()
-                    if available is None:
-                        return  # the system does not say: load as before
-                    capacity = self.settings.memory_budget.capacity(available, held)
-                    if need.ram_bytes + held <= capacity:
-                        log.info(
-                            "%s: needs %s; fits the memory budget of %s with %s held by others",
-                            slot,
-                            need.describe(),
-                            human_bytes(capacity),
-                            human_bytes(held),
-                        )
-                        return
-                    if need.ram_bytes > capacity:
-                        raise self._too_big(slot, need, capacity, available, held)
-                    idle = [s for s in others if s.state is SlotState.READY and not s.users]
-                    if idle:
-                        victim = min(idle, key=lambda s: s.last_used)
-                    else:
-                        await self._changed.wait()
-                log.info(
-                    "%s: unloading (least recently used) to make room for %s, which needs %s",
-                    victim,
-                    slot,
-                    need.describe(),
-                )
-                victim.move(SlotState.UNLOADING)
-                self._changed.notify_all()
-            await self._unload(victim)
+        available = memory.available_bytes()
+        if need is None or available is None:
+            return True  # the system does not say: load as before
+        held = sum(s.need.ram_bytes for s in others if s.reserved and s.need is not None)
+        capacity = self.settings.memory_budget.capacity(available, held)
+        if need.ram_bytes > capacity:
+            raise self._too_big(slot, need, capacity, available, held)
+        if need.ram_bytes + held > capacity:
+            return False
+        log.info(
+            "%s: needs %s; fits the memory budget of %s with %s held by others",
+            slot,
+            need.describe(),
+            human_bytes(capacity),
+            human_bytes(held),
+        )
+        slot.reserved = True
+        return True
 
     def _too_big(
         self, slot: Slot, need: memory.MemoryNeed, capacity: int, available: int, held: int
@@ -665,48 +671,59 @@ class ModelPool:
             budget=capacity,
         )
 
-    async def _unload(self, slot: Slot) -> None:
+    async def _close(self, slot: Slot) -> None:
         """Close a slot already moved to UNLOADING, then mark it UNLOADED."""
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, slot.llm.close)
         finally:
-            await self._move(slot, SlotState.UNLOADED)
+            self._set(slot, SlotState.UNLOADED)
 
-    async def _move(self, slot: Slot, state: SlotState) -> None:
-        async with self._changed:
-            slot.move(state)
-            self._changed.notify_all()
+    def _set(self, slot: Slot, state: SlotState) -> None:
+        """Move `slot` to `state`, then act on it: turns, a load, the waiting loads."""
+        slot.move(state)
+        if state is SlotState.UNLOADING and slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+        self._schedule(slot)
+        self._wake()
+
+    async def _changed(self) -> None:
+        """Until some model changes state or lets go of its last request."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._sleepers.append(waiter)
+        await waiter
+
+    def _wake(self) -> None:
+        sleepers, self._sleepers = self._sleepers, []
+        for waiter in sleepers:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # -- keep-alive ---------------------------------------------------------------------------
     def _finished(self, slot: Slot) -> None:
-        """A request let go of `slot`: wake waiters and start the idle timer if it was the last."""
-        slot.users -= 1
+        """A request let go of `slot`: the next one's turn, and the idle timer if it was last."""
         slot.last_used = time.monotonic()
-        self._spawn(self._notify())
+        self._schedule(slot)
+        self._wake()
         if slot.users or slot.keep_alive < 0:
             return
         if slot.timer is not None:
             slot.timer.cancel()
         loop = asyncio.get_running_loop()
-        slot.timer = loop.call_later(slot.keep_alive, self._spawn, self._expire(slot))
+        slot.timer = loop.call_later(slot.keep_alive, self._idle_timer_fired, slot)
 
-    async def _expire(self, slot: Slot) -> None:
-        async with self._changed:
-            if slot.state is not SlotState.READY or slot.users:
-                return
+    def _idle_timer_fired(self, slot: Slot) -> None:
+        slot.timer = None
+        if slot.state is SlotState.READY and not slot.users:
             log.info("%s: idle for %gs (keep_alive): unloading", slot, slot.keep_alive)
-            slot.move(SlotState.UNLOADING)
-            self._changed.notify_all()
-        await self._unload(slot)
+            self._set(slot, SlotState.UNLOADING)
+            self._spawn(self._close(slot))
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
 
 def _load_error(slot: Slot, exc: BaseException) -> LlmlbError:

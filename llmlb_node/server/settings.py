@@ -16,10 +16,13 @@ from .memory import MemoryBudget
 
 _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+FOREVER = 10 * 365 * 86400.0
+"""A keep-alive this long (ten years) or longer is kept forever, like ``-1``."""
 
 
 def parse_duration(value: object, name: str = "keep_alive") -> float:
-    """Seconds from ``300``, ``"30s"``, ``"5m"``, ``"1h"``; negative means forever (``-1``)."""
+    """Seconds from ``300``, ``"30s"``, ``"5m"``, ``"1h"``; ``-1`` means forever (any negative
+    value, or ten years and more)."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a duration like '5m', 30 or -1, not {value!r}")
     if isinstance(value, (int, float)):
@@ -33,7 +36,8 @@ def parse_duration(value: object, name: str = "keep_alive") -> float:
         raise ValueError(f"{name} must be a duration like '5m', '30s', 0 or -1, not {value!r}")
     if not math.isfinite(seconds):  # NaN would break the idle timers' ordering, inf overflow
         raise ValueError(f"{name} must be a finite duration, not {value!r}")
-    return -1.0 if seconds < 0 else seconds
+    # Past FOREVER no clock or date can hold the expiry (/api/ps's would overflow): the same.
+    return -1.0 if seconds < 0 or seconds >= FOREVER else seconds
 
 
 @dataclass(frozen=True)

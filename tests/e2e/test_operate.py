@@ -149,6 +149,35 @@ def test_the_memory_budget_unloads_the_least_recently_used_model_to_make_room(
     assert "fits the memory budget of" in log
 
 
+def test_two_cold_models_at_once_under_a_budget_for_one_both_answer(
+    tmp_path: Path, gemma_file: Path
+) -> None:
+    """Each load counted the other's need as held and only an idle READY model can be evicted:
+    both stayed `loading` forever. Now one load reserves its memory at a time."""
+    home = manual_store(tmp_path, gemma_file, "gemma-a", "gemma-b")
+    need = need_for(gemma_file, 512)
+    assert need is not None
+    budget = str(int(1.5 * need.ram_bytes))  # one Gemma fits, two do not
+    with running_node(_env(home, N_CTX="512", MEMORY_BUDGET=budget, LOAD_WAIT="120")) as node:
+        answers: dict[str, int] = {}
+
+        def ask(model_id: str) -> None:
+            body = {"model": model_id, "prompt": "Hi", "max_tokens": 2}
+            answers[model_id] = node.post("/v1/completions", body, timeout=150)[0]
+
+        both = [threading.Thread(target=ask, args=(m,)) for m in ("gemma-a", "gemma-b")]
+        for thread in both:
+            thread.start()
+        for thread in both:
+            thread.join(180)  # a hang guard: each load takes about a second
+        ps = _ps(node)
+        log = node.log
+
+    assert answers == {"gemma-a": 200, "gemma-b": 200}
+    assert [row["id"] for row in ps] in (["gemma-a"], ["gemma-b"])  # never both at once
+    assert "(least recently used) to make room for" in log
+
+
 def test_sigterm_mid_stream_ends_it_with_an_error_event_then_done_and_exits_0(
     tmp_path: Path, gemma_file: Path
 ) -> None:

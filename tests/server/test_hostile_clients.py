@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import socket
 import time
 
@@ -157,26 +158,26 @@ def test_a_body_past_the_limit_is_413_and_the_node_keeps_serving(node: Node) -> 
     assert after[0] == 500 and after[2]["error"]["code"] == "model_load_failed"
 
 
-ROUTES = [
-    ("GET", "/v1/models"),
-    ("GET", f"/v1/models/{MODEL_ID}"),
-    ("GET", f"/v0/models/{MODEL_ID}/status"),
-    ("GET", "/v0/supported-models"),
-    ("GET", "/api/health"),
-    ("GET", "/api/system"),
-    ("GET", "/api/tags"),
-    ("GET", "/api/ps"),
-    ("GET", "/metrics"),
-    ("GET", f"/v0/models/blob/{MODEL_ID}"),
-    ("HEAD", f"/v0/models/blob/{MODEL_ID}"),
-    ("POST", "/v1/chat/completions"),
-    ("POST", "/v1/completions"),
-    ("POST", "/v1/embeddings"),
-    ("POST", "/api/models/pull"),
-    ("POST", "/api/models/unload"),
-    ("DELETE", f"/api/models/{MODEL_ID}"),
-    ("GET", "/no/such/route"),
-]
+def _route_calls() -> list[tuple[str, str]]:
+    """Every (method, path) of the app's route table, so that a new route cannot skip the sweep,
+    plus a path no route matches."""
+    from llmlb_node.server.app import routes
+
+    calls = [
+        (method, re.sub(r"{[^}]+}", MODEL_ID, route.path_format))
+        for route in routes
+        for method in sorted(route.methods or ())
+    ]
+    return [*calls, ("GET", "/no/such/route")]
+
+
+ROUTES = _route_calls()
+
+
+def test_the_sweep_covers_the_routes_a_client_uses_most() -> None:
+    assert {("POST", "/v1/chat/completions"), ("HEAD", f"/v0/models/blob/{MODEL_ID}")} <= set(
+        ROUTES
+    )
 
 
 def test_every_route_requires_the_key_and_the_scheme_is_case_insensitive(world: World) -> None:
@@ -223,6 +224,45 @@ def test_a_crowd_past_the_queue_gets_429_with_retry_after_and_leaves_nothing_hel
     assert sorted(s for s, _, _ in answers) == [429] * 18 + [500] * 32  # tiny cannot load
     assert (status["active_requests"], status["queued"]) == (0, 0)
     assert after[0] == 500 and after[2]["error"]["code"] == "model_load_failed"
+
+
+def _send(node: Node, path: str, body: dict) -> socket.socket:
+    """A request on a raw socket, left unread (the caller closes it to leave)."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", node.port))
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
+def _queued(node: Node) -> int:
+    return node.get(f"/v0/models/{MODEL_ID}/status", timeout=10)[2]["queued"]
+
+
+def test_clients_that_leave_while_queued_give_their_places_back_at_once(world: World) -> None:
+    """They kept their LLMLB_MAX_QUEUE places until their turn (here: until the load)."""
+    world.hub.cdn.rate_limit(len(world.content) / 120)  # the download would take two minutes
+    with running_node(MAX_QUEUE="2", LOAD_WAIT="300") as node:
+        one = {"model": MODEL_ID, "prompt": "x", "max_tokens": 1}
+        socks = [
+            _send(node, "/v1/completions", one),
+            _send(node, "/v1/completions", {**one, "stream": True}),
+        ]
+        node.wait_for(lambda: _queued(node) == 2, what="both completions to queue")
+        full = node.post("/v1/completions", one, timeout=10)
+        socks.append(_send(node, "/v1/embeddings", {"model": MODEL_ID, "input": "x"}))
+        node.wait_for(lambda: _queued(node) == 3, what="the embedding to queue")
+        for sock in socks:
+            sock.close()
+        node.wait_for(lambda: _queued(node) == 0, timeout=20, what="the places to come back")
+        world.hub.cdn.rate_limit(None)
+        after = node.post("/v1/completions", one, timeout=60)
+        log = node.log
+
+    assert full[0] == 429
+    assert after[0] == 500 and after[2]["error"]["code"] == "model_load_failed"  # tiny
+    assert log.count("status=499") >= 2
+    assert "never retrieved" not in log and "never awaited" not in log
 
 
 def test_clients_that_never_send_their_body_do_not_stop_the_node(node: Node) -> None:
@@ -279,3 +319,17 @@ def test_paths_and_ids_that_try_to_leave_the_store_are_404(node: Node, world: Wo
     assert all("root:" not in json.dumps(a) for _, _, a in answers.values())
     assert deleted[0] == 404
     assert real[0] == 200 and world.installed_path().exists()
+
+
+@pytest.mark.parametrize("keep_alive", [1e12, "99999999h"])
+def test_a_keep_alive_past_any_clock_is_forever_and_api_ps_still_answers(
+    node: Node, keep_alive: object
+) -> None:
+    """Accepted, then /api/ps answered 500 while the model stayed: its expiry overflowed a date."""
+    body = {"model": MODEL_ID, "prompt": "x", "max_tokens": 1, "keep_alive": keep_alive}
+    answer = node.post("/v1/completions", body)
+    ps = node.get("/api/ps")
+
+    assert answer[0] == 500 and answer[2]["error"]["code"] == "model_load_failed"  # tiny
+    assert ps[0] == 200, ps
+    assert [row["expires_at"] for row in ps[2]["models"]] == [None]  # kept forever

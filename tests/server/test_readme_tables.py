@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from llmlb_node.errors import InsufficientDiskSpaceError
-from llmlb_node.server.app import ERRORS, error_payload, routes
+from llmlb_node.server.app import error_payload, routes
+from llmlb_node.server.errors import ERRORS
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmlb_node.server.pool import ModelPool
-from llmlb_node.server.settings import ServerSettings
+from llmlb_node.server.settings import FOREVER, ServerSettings, parse_duration
 
 
 def test_llmlb_n_threads_sets_generation_and_prompt_threads(world: object) -> None:
@@ -37,3 +37,21 @@ def test_serve_with_a_value_it_cannot_use_exits_2_naming_the_variable(
 
     assert main(["serve", "--port", "0"]) == 2
     assert name in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("5m", 300.0), (30, 30.0), ("1.5h", 5400.0), (0, 0.0), (-1, -1.0), ("-5s", -1.0)],
+)
+def test_durations_read_as_seconds_and_negative_is_forever(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", [1e12, "99999999h", 10**30, FOREVER])
+def test_ten_years_or_more_is_forever_not_a_timer_no_clock_holds(value: object) -> None:
+    assert parse_duration(value) == -1.0
+    assert ServerSettings.from_env({"LLMLB_KEEP_ALIVE": str(value)}).keep_alive == -1.0
+
+
+def test_just_under_ten_years_is_kept_as_given() -> None:
+    assert parse_duration(FOREVER - 1) == FOREVER - 1
