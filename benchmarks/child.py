@@ -506,7 +506,30 @@ def _timed_factory(marks: dict[str, float]) -> Callable[..., Any]:
     return factory
 
 
+def task_reuse(a: dict[str, Any]) -> dict[str, Any]:
+    """Install a model whose file sits in the huggingface_hub cache: the first install (our own
+    hash of it), then `rm` and a second one (the hash remembered for that inode); each timed."""
+    # What resolve() imports lazily, imported up front as the other tasks do.
+    import filelock  # noqa: F401
+
+    import llmlb_node.reuse  # noqa: F401
+    from llmlb_node import ModelResolver
+
+    resolver = ModelResolver()
+    out: dict[str, Any] = {}
+    for run in ("first", "second"):
+        started = time.perf_counter()
+        resolved = resolver.resolve(a["model_id"])
+        out[f"{run}_s"] = time.perf_counter() - started
+        out[f"{run}_source"] = resolved.source
+        out["same_inode"] = os.stat(resolved.path).st_ino == os.stat(a["blob"]).st_ino
+        if run == "first":
+            resolver.remove(a["model_id"])
+    return out
+
+
 TASKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "reuse": task_reuse,
     "micro": task_micro,
     "download": task_download,
     "dedup": task_dedup,

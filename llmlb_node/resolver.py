@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .catalog import Catalog, ModelEntry, is_valid_id, load_catalogs
+from .catalog import Catalog, ModelEntry, ModelFile, is_valid_id, load_catalogs
 from .errors import (
     NOT_TRIED,
     DownloadStalledError,
@@ -662,6 +662,10 @@ class ModelResolver:
         store = self.store
         done = store.verified_files(entry.id, entry)
         todo = [f for f in entry.files if f.filename not in done]
+        reused = self._reuse(entry, todo, monitor)
+        if reused and len(reused) == len(todo):
+            return self._install_reused(entry, todo, reused, monitor)
+        todo = [f for f in todo if f.filename not in reused]
         needed = sum(
             max((f.expected_size or 0) - store.partial_bytes(entry.id, f.filename), 0) for f in todo
         )
@@ -672,7 +676,7 @@ class ModelResolver:
         from .download import can_resume
 
         downloader = self._get_downloader()
-        ready: dict[str, Fetched] = {}
+        ready: dict[str, Fetched] = dict(reused)  # type: ignore[arg-type]
         failures: list[SourceFailure] = []
         disk_errors: list[InsufficientDiskSpaceError] = []
         stale_after = self._stale_after()
@@ -763,6 +767,46 @@ class ModelResolver:
         if disk_errors:  # no source fitted: the disk is what the user must act on (exit 5)
             raise disk_errors[0]
         raise ModelDownloadError(entry.id, failures)
+
+    def _reuse(self, entry: ModelEntry, todo: list[ModelFile], monitor: Monitor) -> dict[str, Any]:
+        """Files of `entry` that other tools downloaded (`reuse`), verified and placed in the
+        store: filename -> `reuse.Reused`. Empty with LLMLB_REUSE=0."""
+        if not todo or not self.settings.reuse:
+            return {}
+        from .reuse import reuse_files
+
+        monitor.stage("resolving", source="reuse", filename=todo[0].filename)
+        return reuse_files(self.store, entry, todo, self.settings)
+
+    def _install_reused(
+        self, entry: ModelEntry, todo: list[ModelFile], reused: dict[str, Any], monitor: Monitor
+    ) -> ResolvedModel:
+        label = reused[todo[0].filename].source
+        monitor.stage("verifying", source=label)
+        files = [
+            (
+                Path(reused[f.filename].path),
+                f.filename,
+                reused[f.filename].size,
+                reused[f.filename].sha256,
+            )
+            for f in todo
+        ]
+        if self.store.lookup(entry.id, entry) is None:
+            self.store.publish(entry.id, files, label, order=[f.filename for f in entry.files])
+        for path, *_ in files:
+            path.unlink(missing_ok=True)  # left only when another writer won the race
+        record = self.store.lookup(entry.id, entry)
+        if record is None:
+            failure = SourceFailure(label, "integrity", "installed files changed during install")
+            raise ModelDownloadError(entry.id, [failure])
+        log.info(
+            "%s: installed from %s at %s",
+            entry.id,
+            label,
+            self._resolved(record, entry, label).path,
+        )
+        return self._finish(entry, record, monitor, label)
 
     def _finish(
         self, entry: ModelEntry, record: InstallRecord, monitor: Monitor, source: str

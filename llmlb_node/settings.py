@@ -49,6 +49,14 @@ class Settings:
     retry_backoff: float = 0.5
     allow_hf: bool = False
     """LLMLB_ALLOW_HF: whether ``hf:ORG/REPO...`` references resolve (see `hubref`)."""
+    reuse: bool = True
+    """LLMLB_REUSE: whether files other tools downloaded are looked for first (see `reuse`)."""
+    hf_cache: Path | None = None
+    """huggingface_hub's cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    ollama_models: Path | None = None
+    """Ollama's model store (OLLAMA_MODELS, else ~/.ollama/models)."""
+    lmstudio_dirs: tuple[Path, ...] = ()
+    """LM Studio's model folders (~/.lmstudio/models, ~/.cache/lm-studio/models)."""
 
     def without_secrets(self) -> Settings:
         """These settings with every secret blanked (for pickles and anything stored)."""
@@ -98,6 +106,8 @@ class Settings:
             hf_token=env.get("HF_TOKEN") or None,
             hf_offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
             allow_hf=_flag(env, "LLMLB_ALLOW_HF", False),
+            reuse=_flag(env, "LLMLB_REUSE", True),
+            **_foreign_stores(env),  # type: ignore[arg-type]
         )
         _check_gpu_layers(env)
         if "catalog_path" in overrides and "catalog_paths" not in overrides:
@@ -125,6 +135,11 @@ _ENV_KEYS = (  # LLMLB_HOME first: the cache key above reads it by position
     "HF_HUB_OFFLINE",
     "LLMLB_N_GPU_LAYERS",
     "LLMLB_ALLOW_HF",
+    "LLMLB_REUSE",
+    "HF_HUB_CACHE",
+    "HF_HOME",
+    "XDG_CACHE_HOME",
+    "OLLAMA_MODELS",
     "HOME",
 )
 _FROM_ENV: dict[tuple[object, ...], Settings] = {}
@@ -168,6 +183,18 @@ def _flag(env: Mapping[str, str], key: str, default: bool) -> bool:
     if value in {"0", "false", "no", "off"}:
         return False
     raise ConfigurationError(f"{key}={env.get(key)!r} must be 1 or 0 (true/false, yes/no, on/off)")
+
+
+def _foreign_stores(env: Mapping[str, str]) -> dict[str, object]:
+    """Where other tools keep the models they downloaded, found as each tool finds it."""
+    user = Path(env.get("HOME") or Path.home())
+    cache = Path(env.get("XDG_CACHE_HOME") or user / ".cache")
+    hf_home = Path(env.get("HF_HOME") or cache / "huggingface").expanduser()
+    return {
+        "hf_cache": Path(env.get("HF_HUB_CACHE") or hf_home / "hub").expanduser(),
+        "ollama_models": Path(env.get("OLLAMA_MODELS") or user / ".ollama" / "models").expanduser(),
+        "lmstudio_dirs": (user / ".lmstudio" / "models", cache / "lm-studio" / "models"),
+    }
 
 
 def _url(env: Mapping[str, str], key: str) -> str | None:
