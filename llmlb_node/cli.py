@@ -31,6 +31,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .progress import LineProgress, ProgressEvent, TqdmProgress
+from .redact import RedactingFilter, redact
 from .resolver import ModelInfo, ModelResolver
 from .settings import Settings
 from .units import human_bytes
@@ -48,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # httpx's records too, not only ours
     try:
         if args.command not in ("backend", "doctor"):
             Settings.from_env()  # a malformed LLMLB_* value: exit 2 now, before any work
@@ -252,7 +255,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         resolver.check_known(args.model_id)  # a typo: UnsupportedModelError with suggestions
     if args.json:
         data: Any = [s.to_dict() for s in statuses]
-        print(json.dumps(data if args.model_id is None else data[0], indent=2))
+        print(redact(json.dumps(data if args.model_id is None else data[0], indent=2)))
         return EXIT_OK
     _table(
         ["ID", "STATUS", "PROGRESS", "SIZE", "ARCH", "DETAIL"],
@@ -400,7 +403,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> None:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+        print(redact("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()))
 
 
 def _size(n: int | None) -> str:
@@ -409,7 +412,7 @@ def _size(n: int | None) -> str:
 
 def _err(message: str) -> None:
     try:
-        print(message, file=sys.stderr, flush=True)
+        print(redact(message), file=sys.stderr, flush=True)
     except BrokenPipeError:  # `2>&1 | head`: messages and progress go quiet, the work goes on
         _silence(sys.stderr)
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .redact import redact
 from .units import human_bytes
 
 if TYPE_CHECKING:
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
 
 class LlmlbError(Exception):
     """Base class of every error llmlb-node raises on purpose."""
+
+    def __str__(self) -> str:
+        return redact(super().__str__())  # a message may quote what a server sent back
 
 
 class CatalogError(LlmlbError):
@@ -129,6 +133,11 @@ class SourceFailure:
     message: str
     """A one-line human explanation, with the advice when there is one."""
     url: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", redact(self.message))
+        if self.url is not None:
+            object.__setattr__(self, "url", redact(self.url))
 
     def __str__(self) -> str:
         return f"{self.source}: {self.message}"

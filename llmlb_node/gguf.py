@@ -47,41 +47,48 @@ _KEY_COST = 64  # a dict entry and its value object
 _TENSOR_COST = 160  # a TensorInfo, its name and shape
 _MAX_STRINGS = 1 << 24  # items of one string array (vocabularies have up to ~1M)
 
-# ggml_type -> (elements per block, bytes per block), as ggml's type traits define them.
-_GGML_TYPES: dict[int, tuple[int, int]] = {
-    0: (1, 4),  # F32
-    1: (1, 2),  # F16
-    2: (32, 18),  # Q4_0
-    3: (32, 20),  # Q4_1
-    6: (32, 22),  # Q5_0
-    7: (32, 24),  # Q5_1
-    8: (32, 34),  # Q8_0
-    9: (32, 36),  # Q8_1
-    10: (256, 84),  # Q2_K
-    11: (256, 110),  # Q3_K
-    12: (256, 144),  # Q4_K
-    13: (256, 176),  # Q5_K
-    14: (256, 210),  # Q6_K
-    15: (256, 292),  # Q8_K
-    16: (256, 66),  # IQ2_XXS
-    17: (256, 74),  # IQ2_XS
-    18: (256, 98),  # IQ3_XXS
-    19: (256, 50),  # IQ1_S
-    20: (32, 18),  # IQ4_NL
-    21: (256, 110),  # IQ3_S
-    22: (256, 82),  # IQ2_S
-    23: (256, 136),  # IQ4_XS
-    24: (1, 1),  # I8
-    25: (1, 2),  # I16
-    26: (1, 4),  # I32
-    27: (1, 8),  # I64
-    28: (1, 8),  # F64
-    29: (256, 56),  # IQ1_M
-    30: (1, 2),  # BF16
-    34: (256, 54),  # TQ1_0
-    35: (256, 66),  # TQ2_0
-    39: (32, 17),  # MXFP4
+# ggml_type -> (name, elements per block, bytes per block), as ggml's type traits define them
+# (ggml/src/ggml.c `type_traits`). Numbers missing here (4, 5, 31-33, 36-38: removed from GGUF
+# files) or past the end are types ggml refuses to load; so does this check.
+_GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 36),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
 }
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NAME = 64  # GGML_MAX_NAME: a tensor name must be shorter
+_GGUF_U32 = 4  # general.alignment must have this GGUF type
 
 Value = Union[int, float, bool, str, tuple]  # noqa: UP007 - a runtime alias on 3.10
 
@@ -98,8 +105,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     type: int
     offset: int
-    size: int | None
-    """Bytes of data, or None for a ggml type this reader does not know."""
+    size: int
+    """Bytes of data (a type ggml does not know is refused while parsing)."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +187,7 @@ def check_complete(path: str | os.PathLike[str], *, name: str | None = None) -> 
 
 def ggml_type_bytes(ggml_type: int, n_elements: int) -> int:
     """Bytes that `n_elements` values of `ggml_type` take (F16 sizes for a type not known here)."""
-    block, nbytes = _GGML_TYPES.get(ggml_type, _GGML_TYPES[1])
+    _, block, nbytes = _GGML_TYPES.get(ggml_type, _GGML_TYPES[1])
     return -(-n_elements // block) * nbytes
 
 
@@ -238,22 +245,32 @@ class _Parser:
         # Every key/value takes at least 13 bytes, every tensor info at least 24.
         self._plausible(n_kv * 13 + n_tensors * 24, "key/value and tensor counts")
         for _ in range(n_kv):
-            key = self._string()
-            self._keep(_KEY_COST, "metadata")
-            (kind,) = _U32.unpack(self._take(4))
-            self._value(key, kind)
+            self._key_value()
             if stop is not None and stop(self.metadata):
                 break
         if not tensors:
             return self._header(version, (), 0, 0)
-        infos = tuple(self._tensor_info() for _ in range(n_tensors))
+        layout = _Layout(self._alignment())
+        infos = tuple(layout.place(self._tensor_info()) for _ in range(n_tensors))
+        data_offset = -(-self.pos // layout.alignment) * layout.alignment
+        data_end = data_offset + layout.end if infos else self.pos
+        return self._header(version, infos, data_offset, data_end, layout.alignment)
+
+    def _key_value(self) -> None:
+        key = self._string()
+        if not key or key in self.metadata or key in self.array_lengths:
+            raise GGUFError(f"metadata key {key!r} is empty or appears twice")
+        self._keep(_KEY_COST, "metadata")
+        (kind,) = _U32.unpack(self._take(4))
+        if key == "general.alignment" and kind != _GGUF_U32:
+            raise GGUFError(f"general.alignment has GGUF type {kind}; ggml requires uint32 (4)")
+        self._value(key, kind)
+
+    def _alignment(self) -> int:
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise GGUFError(f"general.alignment {alignment!r} is not a power of two")
-        data_offset = -(-self.pos // alignment) * alignment
-        ends = [t.offset + (t.size or 0) for t in infos]
-        data_end = data_offset + max(ends) if ends else self.pos
-        return self._header(version, infos, data_offset, data_end, alignment)
+        return alignment
 
     def _header(
         self,
@@ -307,27 +324,16 @@ class _Parser:
     def _tensor_info(self) -> TensorInfo:
         name = self._string()
         self._keep(_TENSOR_COST, "tensor infos")
+        if len(name.encode()) >= _MAX_NAME:
+            size = len(name.encode())
+            raise GGUFError(f"tensor name {name[:80]!r} is {size} bytes; ggml allows 63")
         (n_dims,) = _U32.unpack(self._take(4))
-        if n_dims > 8:
-            raise GGUFError(f"tensor {name!r} has {n_dims} dimensions")
+        if n_dims > _MAX_DIMS:
+            raise GGUFError(f"tensor {name!r} has {n_dims} dimensions; ggml allows {_MAX_DIMS}")
         shape = struct.unpack(f"<{n_dims}Q", self._take(8 * n_dims))
         (kind,) = _U32.unpack(self._take(4))
         (offset,) = _U64.unpack(self._take(8))
-        elements = 1
-        for d in shape:
-            elements *= d
-        traits = _GGML_TYPES.get(kind)
-        size = None
-        if traits is not None:
-            block, nbytes = traits
-            if elements % block:
-                raise GGUFError(f"tensor {name!r}: {elements} elements in blocks of {block}")
-            size = elements // block * nbytes
-        else:
-            log.debug(
-                "tensor %r: ggml type %d is unknown here; its size is not checked", name, kind
-            )
-        return TensorInfo(name, tuple(shape), kind, offset, size)
+        return TensorInfo(name, tuple(shape), kind, offset, _tensor_bytes(name, shape, kind))
 
     # -- bytes ----------------------------------------------------------------------------
     def _keep(self, nbytes: int, what: str) -> None:
@@ -405,3 +411,57 @@ class _Parser:
                 raise GGUFError(
                     f"truncated: a string array runs past the end of the file ({self.size} bytes)"
                 )
+
+
+def _tensor_bytes(name: str, shape: tuple[int, ...], kind: int) -> int:
+    """The bytes of a tensor as ggml's loader computes them, refusing what it refuses: a type
+    it does not know, rows that are not whole blocks, more elements than an int64 holds."""
+    traits = _GGML_TYPES.get(kind)
+    if traits is None:
+        raise GGUFError(
+            f"tensor {name!r} has ggml type {kind}, which ggml does not know "
+            f"(known: 0-3, 6-30, 34, 35, 39-41)"
+        )
+    type_name, block, nbytes = traits
+    elements = 1
+    for d in shape:
+        elements *= d
+    if elements >= 1 << 63:
+        raise GGUFError(f"tensor {name!r} of shape {shape} has more elements than ggml can count")
+    row = shape[0] if shape else 1
+    if row % block:
+        raise GGUFError(
+            f"tensor {name!r}: rows of {row} {type_name} elements, not whole blocks of {block}"
+        )
+    return elements // block * nbytes
+
+
+class _Layout:
+    """The rule ggml's loader applies to tensor offsets, checked as each info is read: tensors
+    lie in header order, each at the end of the one before padded to the alignment. That one
+    rule refuses misaligned offsets, two tensors at one offset, overlaps and gaps."""
+
+    def __init__(self, alignment: int) -> None:
+        self.alignment = alignment
+        self.next = 0  # where ggml expects the next tensor
+        self.end = 0  # where the data of the tensors so far ends (unpadded)
+        self.names: set[str] = set()
+
+    def place(self, t: TensorInfo) -> TensorInfo:
+        if t.name in self.names:
+            raise GGUFError(f"tensor {t.name!r} is declared twice")
+        self.names.add(t.name)
+        if t.offset != self.next:
+            raise GGUFError(self._misplaced(t))
+        self.end = t.offset + t.size
+        self.next = -(-self.end // self.alignment) * self.alignment
+        return t
+
+    def _misplaced(self, t: TensorInfo) -> str:
+        if t.offset % self.alignment:
+            why = f"is not a multiple of general.alignment {self.alignment}"
+        elif t.offset < self.end:
+            why = f"overlaps the tensor before it (which ends at {self.end})"
+        else:
+            why = "leaves a gap after the tensor before it"
+        return f"tensor {t.name!r}: data offset {t.offset} {why}; ggml expects {self.next}"

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .redact import redact
 from .store import (
     hostname,
     is_count,
@@ -305,7 +306,7 @@ def write_status_file(
     data.update(extra or {})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(data).encode(), fsync=False)
+        write_atomic(path, redact(json.dumps(data)).encode(), fsync=False)
     except OSError as exc:
         log.debug("could not write %s: %s", path, exc)
 

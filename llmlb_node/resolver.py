@@ -37,7 +37,7 @@ from .progress import (
     read_status_file,
 )
 from .settings import Settings
-from .store import InstallRecord, ModelStore, Partial, hostname, pid_alive
+from .store import FOREIGN, InstallRecord, ModelStore, Partial, hostname, pid_alive
 
 if TYPE_CHECKING:
     from .download import Downloader, Fetched
@@ -429,13 +429,21 @@ class ModelResolver:
                 self.catalog.runnable(model_id)  # UnrunnableModelError for a non-GGUF entry
             elif not model_id.startswith(hub_id_prefix()):
                 self.catalog.get(model_id)  # raises UnsupportedModelError with suggestions
-            damage = self.store.damage(model_id)
-            state = f"is damaged ({damage})" if damage else "is not installed"
+            state = self._not_installed(model_id)
             raise ModelNotInstalledError(
                 f"model {model_id!r} {state} in {self.settings.models_dir}; "
                 f"run `llmlb-node pull {model_id}`"
             )
         return found.path
+
+    def _not_installed(self, model_id: str) -> str:
+        """Why `model_id` is not installed, for `path`'s message."""
+        damage = self.store.damage(model_id)
+        entry = self.catalog.find(model_id)
+        other = self.store.foreign(model_id, entry) if entry is not None else None
+        if other is not None:
+            return f"is {FOREIGN} ({other})"
+        return f"is damaged ({damage})" if damage else "is not installed"
 
     def remove(self, model_id: str) -> bool:
         """Delete an installed model (files, record, partial downloads).
@@ -867,6 +875,11 @@ class ModelResolver:
         damage = self.store.damage(model_id)
         if damage is not None:
             message = f"damaged: {damage}; `llmlb-node pull {model_id}` downloads it again"
+            return ModelStatus(model_id, "error", 0.0, 0, None, None, error_message=message)
+        entry = self.catalog.find(model_id)
+        other = self.store.foreign(model_id, entry) if entry is not None else None
+        if other is not None:
+            message = f"{FOREIGN}: {other}; `llmlb-node pull {model_id}` replaces it"
             return ModelStatus(model_id, "error", 0.0, 0, None, None, error_message=message)
         if data is not None:
             event = event_from_status(data)

@@ -5,6 +5,7 @@ Read once into a frozen `Settings`; `Settings.from_env()` is what `ModelResolver
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -13,6 +14,9 @@ from pathlib import Path
 
 from .catalog import catalog_paths_from_env
 from .errors import ConfigurationError
+from .redact import remember, remember_userinfo
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 _TRUE = {"1", "true", "yes", "on"}
@@ -89,6 +93,10 @@ class Settings:
         models = Path(env.get("LLMLB_MODELS_DIR") or home / "models").expanduser()
         allow = _allowlist(env)
         llmlb_url, userinfo = _split_userinfo(_url(env, "LLMLB_URL") or "")
+        if userinfo is not None:
+            for part in userinfo:
+                _check_secret("LLMLB_URL", part, "its user:password@")
+            remember_userinfo(*userinfo)
         catalogs = catalog_paths_from_env(env)
         settings = cls(
             home=home,
@@ -97,13 +105,13 @@ class Settings:
             catalog_paths=catalogs,
             llmlb_url=llmlb_url or None,
             llmlb_userinfo=userinfo,
-            llmlb_api_key=env.get("LLMLB_API_KEY") or None,
+            llmlb_api_key=read_secret(env, "LLMLB_API_KEY"),
             origin_allowlist=allow,
             stall_timeout=_float(env, "LLMLB_STALL_TIMEOUT", 30.0),
             max_concurrent_downloads=_int(env, "LLMLB_MAX_CONCURRENT_DOWNLOADS", 2),
             download_connections=_int(env, "LLMLB_DOWNLOAD_CONNECTIONS", 4, most=64),
             hf_endpoint=_url(env, "HF_ENDPOINT") or DEFAULT_HF_ENDPOINT,
-            hf_token=env.get("HF_TOKEN") or None,
+            hf_token=read_secret(env, "HF_TOKEN"),
             hf_offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
             allow_hf=_flag(env, "LLMLB_ALLOW_HF", False),
             reuse=_flag(env, "LLMLB_REUSE", True),
@@ -217,6 +225,36 @@ def _url(env: Mapping[str, str], key: str) -> str | None:
     if parts.query or parts.fragment:
         raise ConfigurationError(f"{key}: a base URL takes no '?query' or '#fragment'")
     return value.rstrip("/")
+
+
+def read_secret(env: Mapping[str, str], key: str) -> str | None:
+    """A secret from `env`, checked now and remembered by the scrubber; None when unset.
+
+    Surrounding whitespace (a CRLF ``.env`` file) is stripped with a warning; a control or
+    non-ASCII character left inside cannot go in an HTTP header: `ConfigurationError` naming
+    the variable, never its value.
+    """
+    value = env.get(key) or ""
+    stripped = value.strip()
+    if stripped != value:
+        remember(value)
+        log.warning("%s has whitespace around its value; using it without", key)
+    if not stripped:
+        return None
+    _check_secret(key, stripped, "its value")
+    remember(stripped)
+    return stripped
+
+
+def _check_secret(key: str, value: str, what: str) -> None:
+    bad = next((i for i, c in enumerate(value) if not " " <= c <= "~"), None)
+    if bad is not None:
+        remember(value)  # refused, but never echoed by anything that reports the refusal
+        kind = "a non-ASCII" if ord(value[bad]) > 127 else "a control"
+        raise ConfigurationError(
+            f"{key}: {what} holds {kind} character (position {bad + 1}), which an HTTP header "
+            f"cannot carry; set {key} again without it (the value is not shown)"
+        )
 
 
 def _allowlist(env: Mapping[str, str]) -> tuple[str, ...]:

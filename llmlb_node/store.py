@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalog import ModelEntry, check_id, is_valid_id
+from .catalog import ModelEntry, ModelFile, check_id, is_valid_id
 from .errors import CatalogError
 from .gguf import GGUFError, check_complete
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 META_DIR = ".llmlb"
 RECORD = "install.json"
 MANUAL_FILENAME = "model.gguf"  # the llmlb convention for a model placed by hand
+FOREIGN = "installed for another catalog entry"  # what status says of `ModelStore.foreign`
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class ModelStore:
         record = self.read_record(model_id)
         if record is None or not record.files:
             return None
-        if entry is not None and not _record_matches_entry(record, entry):
+        if entry is not None and entry_mismatch(record, entry) is not None:
             return None
         base = os.path.join(self._root, model_id)
         for f in record.files:
@@ -202,7 +203,7 @@ class ModelStore:
         done = set()
         for f in record.files:
             spec = wanted.get(f.filename)
-            if spec is None or (spec.sha256 and spec.sha256 != f.sha256):
+            if spec is None or _file_mismatch(spec, f) is not None:
                 continue
             try:
                 st = self.file_path(model_id, f.filename).stat()
@@ -263,6 +264,14 @@ class ModelStore:
             if st.st_mtime_ns != f.mtime_ns:
                 return f"{f.filename} was modified after it was verified"
         return None
+
+    def foreign(self, model_id: str, entry: ModelEntry) -> str | None:
+        """Why the intact install on disk is not one of `entry` (it was made for another catalog
+        entry of that id: another sha256, size or file), or None."""
+        record = self.read_record(model_id)
+        if record is None or not record.files or self.damage(model_id) is not None:
+            return None
+        return entry_mismatch(record, entry)
 
     # -- partial files --------------------------------------------------------------------
     def new_partial(self, model_id: str, filename: str) -> Partial:
@@ -447,16 +456,31 @@ class ModelStore:
         return shutil.disk_usage(path).free
 
 
-def _record_matches_entry(record: InstallRecord, entry: ModelEntry) -> bool:
+def entry_mismatch(record: InstallRecord, entry: ModelEntry) -> str | None:
+    """Why `record` is not an install of `entry`, or None. Every identity the entry states must
+    agree with what was verified: its main file's name, and each file's exact size and sha256
+    (a store shared by two catalogs holds one model under one id: the other's is not it)."""
     if record.source == "manual":
-        want = _manual_sha256(entry)
-        return want is None or record.files[0].sha256 == want
+        spec = next((f for f in entry.files if f.filename == MANUAL_FILENAME), None)
+        return None if spec is None else _file_mismatch(spec, record.files[0])
+    if record.files[0].filename != entry.files[0].filename:
+        return f"its main file is {record.files[0].filename}, not {entry.files[0].filename}"
     by_name = {f.filename: f for f in record.files}
     for spec in entry.files:
         got = by_name.get(spec.filename)
-        if got is None or (spec.sha256 and got.sha256 and spec.sha256 != got.sha256):
-            return False
-    return record.files[0].filename == entry.files[0].filename
+        problem = f"{spec.filename} is not part of it" if got is None else _file_mismatch(spec, got)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _file_mismatch(spec: ModelFile, got: InstalledFile) -> str | None:
+    if spec.size_bytes is not None and spec.size_bytes != got.size:
+        return f"{got.filename} is {got.size} bytes, this entry says {spec.size_bytes}"
+    if spec.sha256 and spec.sha256 != got.sha256:
+        held = got.sha256 or "(not recorded)"
+        return f"{got.filename} has sha256 {held}, this entry says {spec.sha256}"
+    return None
 
 
 def _manual_sha256(entry: ModelEntry | None) -> str | None:

@@ -85,3 +85,33 @@ def make_model_gguf(arch: str, fields: dict[str, int], tensors: dict[str, int]) 
     head += b"".join(pairs) + b"".join(infos)
     head += b"\0" * (-len(head) % 32)
     return head + bytes(offset)
+
+
+_KV_FORMATS = {0: "<B", 2: "<H", 4: "<I", 5: "<i", 10: "<Q"}  # GGUF value type -> struct format
+
+
+def build_gguf(
+    metadata: dict[str, str | int | tuple[int, int]],
+    tensors: list[tuple[str, int, int, int]],
+    data: int,
+    alignment: int = 32,
+) -> bytes:
+    """Any GGUF layout, well formed or not: `metadata` values are strings, u32s or (GGUF type,
+    int) pairs; `tensors` are (name, elements, ggml type, offset) as the header will state them,
+    true or not; then `data` zero bytes after the header padded to `alignment`."""
+
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+
+    pairs = []
+    for key, value in metadata.items():
+        if isinstance(value, str):
+            pairs.append(s(key) + struct.pack("<I", 8) + s(value))
+        else:
+            kind, number = value if isinstance(value, tuple) else (4, value)
+            pairs.append(s(key) + struct.pack("<I", kind) + struct.pack(_KV_FORMATS[kind], number))
+    infos = [s(n) + struct.pack("<IQIQ", 1, count, kind, at) for n, count, kind, at in tensors]
+    head = GGUF_MAGIC + struct.pack("<IQQ", 3, len(infos), len(pairs))
+    head += b"".join(pairs) + b"".join(infos)
+    head += b"\0" * (-len(head) % alignment)
+    return head + bytes(data)

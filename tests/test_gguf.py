@@ -177,11 +177,65 @@ def test_huge_declared_tensor_is_caught_by_the_extent(tmp_path: Path) -> None:
         check_complete(path)
 
 
-def test_an_unknown_ggml_type_does_not_fail_the_check(tmp_path: Path) -> None:
+def _layout(*tensors: tuple[str, tuple[int, ...], int, int], alignment: int = 32) -> bytes:
+    pairs = [] if alignment == 32 else [_s("general.alignment") + struct.pack("<II", 4, alignment)]
+    return _model([_tensor(*t) for t in tensors], pairs, alignment=alignment, data=4096)
+
+
+# What ggml's loader (gguf.cpp, llama-model-loader) refuses, each with the words that name it.
+_REFUSED_LAYOUTS = {
+    "misaligned": (_layout(("a", (8,), 24, 0), ("b", (8,), 24, 40)), "40 is not a multiple of"),
+    "same-offset": (_layout(("a", (64,), 24, 0), ("b", (64,), 24, 0)), "'b'.* 0 overlaps"),
+    "first-not-at-0": (_layout(("a", (64,), 24, 32), ("b", (64,), 24, 0)), "'a'.* 32 leaves a gap"),
+    "overlap": (_layout(("a", (100,), 24, 0), ("b", (8,), 24, 64)), "'b'.* 64 overlaps"),
+    "gap": (_layout(("a", (8,), 24, 0), ("b", (8,), 24, 64)), "'b'.* gap.* expects 32"),
+    "gap-at-128": (_layout(("a", (8,), 24, 0), ("b", (8,), 24, 256), alignment=128), "a gap"),
+    "duplicate-name": (_layout(("a", (8,), 24, 0), ("a", (8,), 24, 32)), "'a' is declared twice"),
+    "unknown-type": (_layout(("w", (8,), 200, 0)), "'w' has ggml type 200, which ggml does not"),
+    "removed-type": (_layout(("w", (32,), 31, 0)), "ggml type 31"),  # Q4_0_4_4: gone from GGUF
+    "five-dims": (_layout(("w", (1, 1, 1, 1, 1), 24, 0)), "5 dimensions"),
+    "long-name": (_layout(("x" * 64, (8,), 24, 0)), "64 bytes; ggml allows 63"),
+    "partial-block-row": (_layout(("w", (16, 2), 2, 0)), "rows of 16 Q4_0 elements, not whole"),
+    "int64-elements": (_layout(("w", (1 << 32, 1 << 32), 24, 0)), "more elements than ggml"),
+    "alignment-not-u32": (
+        _model([], [_s("general.alignment") + struct.pack("<IQ", 10, 32)]),
+        "general.alignment has GGUF type 10; ggml requires uint32",
+    ),
+    "duplicate-key": (_gguf(_kv_u32("k", 1), _kv_u32("k", 2)), "'k' is empty or appears twice"),
+}
+
+
+@pytest.mark.parametrize("data, message", _REFUSED_LAYOUTS.values(), ids=_REFUSED_LAYOUTS.keys())
+def test_a_layout_ggml_refuses_is_refused_naming_why(
+    tmp_path: Path, data: bytes, message: str
+) -> None:
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    with pytest.raises(GGUFError, match=message):
+        check_complete(path)
+
+
+def test_every_ggml_type_gets_ggmls_size(tmp_path: Path) -> None:
+    # Rows of 256 elements are whole blocks of every type; sizes from ggml's type traits.
+    sizes = {0: 1024, 1: 512, 2: 144, 12: 144, 14: 210, 30: 512, 35: 66, 39: 136, 40: 144}
+    tensors, offset = [], 0
+    for n, (kind, size) in enumerate(sizes.items()):
+        tensors.append((f"t{n}", (256,), kind, offset))
+        offset += size + (-size % 32)
+    header = check_complete(_write(tmp_path, _layout(*tensors)))
+    assert [t.size for t in header.tensors] == list(sizes.values())
+
+
+def test_a_tensor_ending_past_the_file_is_truncated(tmp_path: Path) -> None:
+    data = _model([_tensor("a", (64,), 24, 0), _tensor("b", (4096,), 24, 64)], [], data=64 + 4000)
+    with pytest.raises(GGUFError, match=r"truncated.* declares \d+ bytes"):
+        check_complete(_write(tmp_path, data))
+
+
+def _write(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "m.gguf"
-    path.write_bytes(_model([_tensor("w", (8,), 200, 0)], [], data=8))
-    header = check_complete(path)
-    assert header.tensors[0].size is None
+    path.write_bytes(data)
+    return path
 
 
 def test_the_test_builder_makes_structurally_whole_files(tmp_path: Path) -> None:

@@ -109,9 +109,10 @@ def test_a_206_from_another_offset_is_refused(
 
 
 def _absurd_gguf(n: int) -> bytes:
-    # n tensor infos of 24 bytes each: empty name, 0 dims, type F32, offset 0
-    info = struct.pack("<QIIQ", 0, 0, 0, 0)
-    return b"GGUF" + struct.pack("<IQQ", 3, n, 0) + info * n
+    # n tensor infos of 32 bytes each, laid out as ggml wants them (distinct names, 0 dims, type
+    # F32, each 32 bytes after the last): only the memory bound can stop them.
+    infos = (struct.pack("<Q8sIIQ", 8, b"t%07d" % i, 0, 0, 32 * i) for i in range(n))
+    return b"GGUF" + struct.pack("<IQQ", 3, n, 0) + b"".join(infos)
 
 
 def test_a_header_declaring_absurd_tensor_counts_is_refused_within_a_memory_bound(

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import LlmlbError, ModelDownloadError, UnsupportedModelError
+from ..redact import has_secrets, redact
 from . import blob, inference, lb, management, metrics, models, openai, shutdown, ui
 from .errors import GenerationCancelledError, UnauthorizedError, classify
 from .pool import Lease, ModelPool, describe
@@ -248,6 +249,59 @@ class BearerAuth:
         return hmac.compare_digest(token.strip(), self.expected or b"") and right_scheme
 
 
+class RedactJson:
+    """Every JSON body passes the one scrubber (`llmlb_node.redact`): no configured secret
+    leaves in a route's answer, whatever text (a status, a server's error) it carries."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not has_secrets():
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+        streamed = False
+
+        async def scrub(message: Message) -> None:
+            nonlocal start, streamed
+            if message["type"] == "http.response.start":
+                kind = _content_type(message)
+                if kind == b"application/json":
+                    start = message  # held until the body is whole: its length may change
+                    return
+                streamed = kind in (b"application/x-ndjson", b"text/event-stream")
+            elif message["type"] == "http.response.body" and streamed:
+                message = {**message, "body": _redact_bytes(message.get("body", b""))}
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                body = _redact_bytes(b"".join(chunks))
+                headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+                await send({**start, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, scrub)
+
+
+def _redact_bytes(body: bytes) -> bytes:
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:  # not text we wrote (JSON and our streams are UTF-8)
+        return body
+    clean = redact(text)
+    return body if clean == text else clean.encode()
+
+
+def _content_type(start: Message) -> bytes:
+    kind = dict(start.get("headers", [])).get(b"content-type", b"")
+    return kind.partition(b";")[0].strip().lower()
+
+
 class AccessLog:
     """One line per request: method, path, model, status, latency, tokens."""
 
@@ -341,6 +395,7 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
         middleware=[
             Middleware(metrics.RequestMetrics, metrics=node_metrics, routes=routes),
             Middleware(AccessLog),
+            Middleware(RedactJson),
             Middleware(shutdown.EndAtDeadline, shutdown=stopping),
             Middleware(BearerAuth, api_key=settings.api_key),
         ],

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..settings import Settings
+from ..settings import Settings, read_secret
 from .memory import MemoryBudget
 
 _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
@@ -75,7 +75,7 @@ class ServerSettings:
             "library": Settings.from_env(env),
             "host": env.get("LLMLB_NODE_HOST") or "127.0.0.1",
             "port": _int(env, "LLMLB_NODE_PORT", 8080, minimum=0),
-            "api_key": env.get("LLMLB_NODE_API_KEY") or None,
+            "api_key": read_secret(env, "LLMLB_NODE_API_KEY"),
             "max_queue": _int(env, "LLMLB_MAX_QUEUE", 32, minimum=0),
             "max_loaded_models": _int(env, "LLMLB_MAX_LOADED_MODELS", 2, minimum=1),
             "keep_alive": parse_duration(env.get("LLMLB_KEEP_ALIVE") or "5m", "LLMLB_KEEP_ALIVE"),

@@ -1,0 +1,322 @@
+"""The second review's attacks (issue 16): layouts ggml refuses, a store shared by two catalogs,
+secrets a server or a `.env` file tries to leak. Real loopback servers, the real command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gguf import build_gguf, make_gguf, sha256_hex
+from servers import RecordedRequest, Reply, ScriptedServer, honest_reply, refused_url
+from test_lying_servers import LLMLB_NODE, _as_url, _nothing_installed, cli
+from world import FILENAME, MODEL_ID, SIZE, World
+
+from llmlb_node import ModelDownloadError
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[RecordedRequest], Reply]], ScriptedServer]]:
+    started: list[ScriptedServer] = []
+
+    def start(respond: Callable[[RecordedRequest], Reply]) -> ScriptedServer:
+        started.append(ScriptedServer(respond))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+# -- 3. a layout ggml will refuse ----------------------------------------------------------------
+I8, F32, Q4_0 = 24, 0, 2
+BAD_LAYOUTS = {
+    # name: (tensors as the header states them, general.alignment), all within the file
+    "misaligned": ([("a", 100, I8, 0), ("b", 64, I8, 100)], 32),
+    "same-offset": ([("a", 64, I8, 0), ("b", 64, I8, 0)], 32),
+    "overlap": ([("a", 4096, I8, 0), ("b", 64, I8, 2048)], 32),
+    "unknown-type": ([("a", 64, 77, 0)], 32),
+    "gap": ([("a", 64, I8, 0), ("b", 64, I8, 4096)], 32),
+    "alignment-4096-ignored": ([("a", 64, I8, 0), ("b", 64, I8, 64)], 4096),
+}
+
+
+@pytest.mark.parametrize("layout", BAD_LAYOUTS, ids=BAD_LAYOUTS)
+def test_a_gguf_ggml_would_refuse_is_never_installed_even_when_its_sha256_matches(
+    world: World, serve: Callable[..., ScriptedServer], layout: str
+) -> None:
+    tensors, alignment = BAD_LAYOUTS[layout]
+    meta: dict[str, Any] = {"general.architecture": "llama"}
+    if alignment != 32:
+        meta["general.alignment"] = alignment
+    content = build_gguf(meta, tensors, data=16_384, alignment=32)
+    server = serve(lambda rec: honest_reply(content, rec))
+    files = [{"filename": "bad.gguf", "size_bytes": len(content), "sha256": sha256_hex(content)}]
+    _as_url(world, server, "bad", "bad.gguf", files=files)
+
+    done = cli("pull", "bad")
+
+    assert done.returncode == 5, done.stderr
+    assert "[integrity]" in done.stderr and "bad.gguf" in done.stderr
+    assert "tensor '" in done.stderr  # names the tensor ggml would stop at
+    assert _nothing_installed(world, "bad")
+
+
+def test_an_unknown_ggml_type_is_refused_naming_it(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    content = build_gguf({}, [("blk.0.attn_q.weight", 256, 36, 0)], data=1024)  # 36: removed
+    server = serve(lambda rec: honest_reply(content, rec))
+    _as_url(world, server, "oddtype", "oddtype.gguf")
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("oddtype")
+    failure = info.value.failures[0]
+    assert failure.kind == "integrity"
+    assert "'blk.0.attn_q.weight' has ggml type 36, which ggml does not know" in failure.message
+
+
+def test_a_real_layout_still_installs(world: World, serve: Callable[..., ScriptedServer]) -> None:
+    tensors = [("a", 256, Q4_0, 0), ("b", 10, F32, 160), ("c", 7, I8, 224)]  # 144 -> 160, 40
+    content = build_gguf({"general.architecture": "llama"}, tensors, data=231)
+    server = serve(lambda rec: honest_reply(content, rec))
+    _as_url(world, server, "good", "good.gguf")
+    assert world.resolver().resolve("good").path.read_bytes() == content
+
+
+# -- 5. a store shared by two catalogs -----------------------------------------------------------
+def _second_catalog(world: World, **file_fields: Any) -> Path:
+    """Catalog B: `tiny` again, with other identities for its file; made the one in force."""
+    entry = json.loads(json.dumps(world.entry()))
+    entry["files"] = [{"filename": FILENAME, **file_fields}]
+    path = world.home / "catalog-b.json"
+    path.write_text(json.dumps([entry]))
+    world.monkeypatch.setenv("LLMLB_SUPPORTED_MODELS", str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "identity",
+    [
+        pytest.param({"size_bytes": SIZE + 1}, id="size"),
+        pytest.param({"sha256": "ab" * 32}, id="sha256"),
+        pytest.param({"size_bytes": SIZE, "sha256": "cd" * 32}, id="size-agrees-sha256-not"),
+    ],
+)
+def test_an_install_made_for_catalog_a_is_not_catalog_bs(
+    world: World, identity: dict[str, Any]
+) -> None:
+    assert cli("pull", MODEL_ID).returncode == 0  # catalog A: no exact size or sha256
+    _second_catalog(world, **identity)
+    before = world.requests()
+
+    path = cli("path", MODEL_ID)
+    status = cli("status", MODEL_ID, "--json")
+
+    assert path.returncode == 1, path.stdout
+    assert "installed for another catalog entry" in path.stderr
+    assert json.loads(status.stdout)["status"] == "error"
+    assert "installed for another catalog entry" in json.loads(status.stdout)["error_message"]
+    assert world.requests() == before  # path and status never touch the network
+    pulled = cli("pull", MODEL_ID)
+    assert pulled.returncode == 5, pulled.stderr  # replaced from the sources: they disagree
+    assert world.requests() > before
+
+
+def test_pull_under_catalog_b_replaces_catalog_as_install(world: World) -> None:
+    assert cli("pull", MODEL_ID).returncode == 0
+    new = make_gguf(SIZE, seed=99)
+    world.hub.change_content(new, "test-org/tiny-GGUF", FILENAME)
+    world.proxy.add_model(MODEL_ID, {FILENAME: new})
+    _second_catalog(world, size_bytes=SIZE, sha256=sha256_hex(new))
+
+    assert cli("pull", MODEL_ID).returncode == 0
+    assert world.installed_path().read_bytes() == new
+    assert cli("path", MODEL_ID).returncode == 0
+    record = json.loads((world.models_dir / ".llmlb" / MODEL_ID / "install.json").read_text())
+    assert record["files"][0]["sha256"] == sha256_hex(new)
+
+
+def test_both_catalogs_agreeing_share_the_install(world: World) -> None:
+    assert cli("pull", MODEL_ID).returncode == 0
+    _second_catalog(world, size_bytes=SIZE, sha256=world.sha256)
+    before = world.requests()
+    assert cli("pull", MODEL_ID).returncode == 0
+    assert cli("path", MODEL_ID).returncode == 0
+    assert world.requests() == before
+
+
+# -- 9. secrets ----------------------------------------------------------------------------------
+def test_secrets_from_a_crlf_env_file_are_stripped_with_a_warning(world: World) -> None:
+    world.monkeypatch.setenv("LLMLB_API_KEY", "test-key\r")  # the proxy's key, as CRLF left it
+    world.monkeypatch.setenv("HF_TOKEN", "hf_crlf_token_1234\r\n")
+    world.hub.refuse()  # the model must come through the proxy, with the stripped key
+
+    done = cli("pull", MODEL_ID)
+
+    assert done.returncode == 0, done.stderr
+    assert "LLMLB_API_KEY has whitespace around its value" in done.stderr
+    assert "HF_TOKEN has whitespace around its value" in done.stderr
+    assert "test-key" not in done.stderr and "hf_crlf_token_1234" not in done.stderr
+    assert world.installed_path().read_bytes() == world.content
+    assert {r.authorization for r in world.proxy.requests} == {"Bearer test-key"}
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("HF_TOKEN", "hf_t\u00f6ken_secret"),
+        ("LLMLB_API_KEY", "sk-\u2028secret-key"),
+        ("LLMLB_API_KEY", "sk-in\x00side"),
+        ("HF_TOKEN", "hf_tab\tinside"),
+    ],
+)
+def test_a_secret_no_header_can_carry_exits_2_naming_the_variable_not_the_value(
+    world: World, variable: str, value: str
+) -> None:
+    world.monkeypatch.setenv(variable, value.replace("\x00", "\x01"))  # env cannot hold NUL
+    before = world.requests()
+
+    done = cli("pull", MODEL_ID)
+
+    assert done.returncode == 2, done.stderr
+    assert variable in done.stderr and "not shown" in done.stderr
+    assert "secret" not in done.stderr and "inside" not in done.stderr
+    assert "Traceback" not in done.stderr and "codec" not in done.stderr
+    assert world.requests() == before  # refused before any request
+
+
+def test_userinfo_of_llmlb_url_is_checked_too(world: World) -> None:
+    world.monkeypatch.setenv("LLMLB_URL", world.proxy.url.replace("//", "//me:p%C3%A4ss-secret@"))
+    done = cli("pull", MODEL_ID)
+    assert done.returncode == 2, done.stderr
+    assert "LLMLB_URL" in done.stderr and "secret" not in done.stderr
+
+
+def test_a_node_api_key_no_header_can_carry_stops_serve_with_exit_2(world: World) -> None:
+    env = {**os.environ, "LLMLB_NODE_API_KEY": "n\u00f6de-secret", "LLMLB_NODE_PORT": "0"}
+    done = subprocess.run(
+        [str(LLMLB_NODE), "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "LLMLB_NODE_API_KEY" in done.stderr and "secret" not in done.stderr
+
+
+SECRET_KEY = "sk-live-7f3a9c2e51d04b8e"
+SECRET_TOKEN = "hf_Zq8XwV3mN5bT1yR7uK2p"
+SECRET_PASS = "s3cr3t-pa55w0rd-9"
+
+
+def _echoing(secrets: list[str]) -> Callable[[RecordedRequest], Reply]:
+    """A server that puts the secrets it knows into every place a client may quote, in turn:
+    the Location it redirects to, an error page, an HTML page instead of the file."""
+    refused = refused_url()
+    answers = [
+        Reply(302, {"Location": f"ftp://{secrets[0]}@files.example/{secrets[1]}"}),
+        Reply(302, {"Location": f"{refused}/{secrets[0]}?token={secrets[1]}"}),
+        Reply(500, {"Content-Type": "text/plain"}, f"bad key {secrets}".encode()),
+    ]
+    answers.append(Reply(200, {"Content-Type": "text/html"}, f"<html>{secrets}</html>".encode()))
+    count = iter(range(1 << 30))
+    return lambda rec: answers[next(count) % len(answers)]
+
+
+def _grep_tree(root: Path, needles: list[str]) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.name.endswith(".gguf"):
+            text = path.read_bytes().decode("utf-8", "replace")
+            found += [f"{path}: {n}" for n in needles if n in text]
+    return found
+
+
+def test_no_secret_leaves_in_any_output_file_or_route(
+    world: World, serve: Callable[..., ScriptedServer], tmp_path: Path
+) -> None:
+    secrets = [SECRET_KEY, SECRET_TOKEN, SECRET_PASS]
+    hostile = serve(_echoing(secrets))
+    proxy_url = hostile.url.replace("//", f"//llmlb:{SECRET_PASS}@")
+    world.monkeypatch.setenv("LLMLB_URL", proxy_url)
+    world.monkeypatch.setenv("LLMLB_API_KEY", SECRET_KEY)
+    world.monkeypatch.setenv("HF_TOKEN", SECRET_TOKEN)
+    world.monkeypatch.setenv("HF_ENDPOINT", hostile.url)
+    world.monkeypatch.setenv("LLMLB_NODE_API_KEY", SECRET_KEY)
+    entry = world.entry()
+    entry["sources"] = [
+        {"type": "huggingface"},
+        {"type": "url", "url": f"{hostile.url}/tiny.gguf"},
+    ]
+    world.write_catalog()
+
+    outputs = []
+    started = time.monotonic()
+    for args in (["pull", MODEL_ID], ["-v", "pull", MODEL_ID], ["status", "--json"], ["status"]):
+        done = cli(*args)
+        outputs += [done.stdout, done.stderr]
+    assert "every source failed" in outputs[1]  # the attack ran: the sources were tried
+    print(f"cli took {time.monotonic() - started:.1f}s")
+    outputs += _node_routes(world, tmp_path)
+
+    leaks = [f"output {i}: {s}" for i, text in enumerate(outputs) for s in secrets if s in text]
+    leaks += _grep_tree(world.home, secrets)
+    assert not leaks, leaks
+
+
+def _node_routes(world: World, tmp_path: Path) -> list[str]:
+    """Every route's body (and the node's log) while the node fails to pull the model."""
+    log_path = tmp_path / "node.log"
+    port = _free_port()
+    env = {**os.environ, "LLMLB_NODE_PORT": str(port), "LLMLB_LOAD_WAIT": "20"}
+    with open(log_path, "wb") as log:
+        node = subprocess.Popen([str(LLMLB_NODE), "-v", "serve"], env=env, stderr=log)
+    base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {SECRET_KEY}"}
+    bodies = []
+    try:
+        _wait_up(base, auth)
+        with httpx.Client(base_url=base, headers=auth, timeout=60) as client:
+            pull = {"model": MODEL_ID, "stream": False}
+            bodies.append(client.post("/api/models/pull", json=pull).text)
+            bodies.append(client.post("/api/models/pull", json={"model": MODEL_ID}).text)
+            chat = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}]}
+            bodies.append(client.post("/v1/chat/completions", json=chat).text)
+            for route in (
+                f"/v0/models/{MODEL_ID}/status",
+                "/v1/models",
+                f"/v1/models/{MODEL_ID}",
+                "/v0/supported-models",
+                "/api/health",
+                "/api/system",
+                "/api/tags",
+                "/api/ps",
+                "/metrics",
+                f"/v0/models/blob/{MODEL_ID}",
+            ):
+                bodies.append(f"{route}: {client.get(route).text}")
+    finally:
+        node.terminate()
+        node.wait(timeout=60)
+    return [*bodies, log_path.read_text("utf-8", "replace")]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_up(base: str, auth: dict[str, str]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{base}/api/health", headers=auth, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError("the node did not start")
