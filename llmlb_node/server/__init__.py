@@ -9,6 +9,11 @@ from .settings import ServerSettings
 
 __all__ = ["ServerSettings", "serve"]
 
+KEEP_ALIVE_TIMEOUT = 75
+"""Seconds an idle keep-alive connection stays open. Longer than the llmlb load balancer's
+pool keeps one idle (60 s): the client must be the side that closes it, or a request it sends
+on a connection we are closing at that moment is reset (uvicorn's default is 5 s)."""
+
 
 def serve(settings: ServerSettings) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT, then shut down cleanly."""
@@ -32,6 +37,7 @@ def serve(settings: ServerSettings) -> None:
         log_level="info",
         access_log=False,  # ours (llmlb_node.server.access) names the model and the tokens
         lifespan="on",
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
         timeout_graceful_shutdown=int(settings.shutdown_grace + BACKSTOP),
     )
     NodeServer(config, app.state.shutdown).run()

@@ -113,9 +113,10 @@ async def model_status(request: Request) -> Response:
     model_id = request.path_params["model_id"]
     await pool.check_known(model_id)
     status = await pool.status(model_id)
+    entry = pool.resolver.catalog.find(model_id)
     active, queued = pool.usage(model_id)
     extra = {"state": pool.state(model_id).value, "active_requests": active, "queued": queued}
-    return JSONResponse({**status.to_dict(), **extra})
+    return JSONResponse({**models.status_body(status, entry and entry.total_size), **extra})
 
 
 async def supported_models(request: Request) -> Response:
@@ -348,6 +349,7 @@ routes = [
     Route("/v0/downloads", downloads, methods=["GET"]),
     Route("/api/health", lb.health, methods=["GET"]),
     Route("/api/system", lb.system, methods=["GET"]),
+    Route("/api/models/{model_id}/info", lb.model_info, methods=["GET"]),
     Route("/api/models/pull", management.pull, methods=["POST"]),
     Route("/api/tags", management.tags, methods=["GET"]),
     Route("/api/ps", management.ps, methods=["GET"]),

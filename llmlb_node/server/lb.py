@@ -1,7 +1,9 @@
-"""What the llmlb load balancer polls: ``GET /api/health`` and ``GET /api/system``.
+"""What the llmlb load balancer reads: ``/api/system``, ``/api/health``, ``/api/models/{id}/info``.
 
-Both answer from memory (pool counters, the resolver's download activity, a hardware snapshot
-refreshed in the background), so a node busy loading or downloading still answers at once.
+The LB detects llmlb's own node type (xLLM) by ``xllm_version`` in ``/api/system``, then polls
+``/api/health`` and reads each model's context length from its info. Health and system answer
+from memory (pool counters, download activity, a hardware snapshot refreshed in the background),
+so a node busy loading or downloading still answers at once.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__, backend, offload
+from ..gguf import GGUFError, read_header
 from ..offload import GpuDevice
 from ..offload.cpu import memory_info
 from ..progress import ProgressEvent
@@ -29,6 +33,9 @@ REFRESH_S = 30.0
 """Seconds between hardware detections (GPU memory moves; the LB polls every 30 s)."""
 _GPU_BACKENDS = frozenset({"cuda", "rocm", "vulkan", "metal", "sycl"})
 _SYNC_STATE = {"installed": "success", "failed": "failed", "interrupted": "failed"}
+_GIB = 1024**3
+SERVER_NAME = "llmlb-node"
+_QUANT = re.compile(r"[._-](i?q\d+(?:_[a-z0-9]+)*|bf16|f16|f32)(?=[._-]|$)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -98,11 +105,18 @@ async def system(request: Request) -> Response:
     return JSONResponse(system_body(request.state.hardware.snapshot))
 
 
+async def model_info(request: Request) -> Response:
+    pool: ModelPool = request.state.pool
+    model_id = request.path_params["model_id"]
+    await pool.check_known(model_id)
+    return JSONResponse(await asyncio.to_thread(model_info_body, pool, model_id))
+
+
 # -- bodies ----------------------------------------------------------------------------------
 def health_body(pool: ModelPool, hw: HardwareSnapshot) -> dict[str, Any]:
     """The LB's health shape: status, gpu, load, memory, sync state, loaded models, version."""
     settings = pool.settings
-    gpu = _gpu(hw.devices)
+    gpu = {**_gpu(hw.devices), "capability_score": capability_score(hw)}
     ram = memory_info()
     ram_total = ram["total"] or 0
     ram_free = ram["available"] if ram["available"] is not None else ram_total
@@ -129,9 +143,13 @@ def health_body(pool: ModelPool, hw: HardwareSnapshot) -> dict[str, Any]:
 
 
 def system_body(hw: HardwareSnapshot) -> dict[str, Any]:
-    """The LB's system shape: device type and GPUs, node version, llama.cpp build."""
+    """The LB's system shape: ``xllm_version`` (what makes the LB detect llmlb's own node
+    type), device type and GPUs, node version, llama.cpp build."""
     gpu_type = bool(hw.devices) and hw.gpu_offload
     return {
+        "xllm_version": __version__,
+        "server_name": SERVER_NAME,
+        "gpu": {"device_count": len(hw.devices)},
         "device": {
             "device_type": "gpu" if gpu_type else "cpu",
             "gpu_devices": [_device(d) for d in hw.devices],
@@ -139,6 +157,52 @@ def system_body(hw: HardwareSnapshot) -> dict[str, Any]:
         "version": __version__,
         "llama_cpp": {"version": hw.llama_cpp_version, "gpu_offload": hw.gpu_offload},
     }
+
+
+def capability_score(hw: HardwareSnapshot) -> float:
+    """GiB of GPU memory llama.cpp can offload layers to (0 without a GPU it can use): how
+    large a model this node runs on its GPUs, comparable across nodes."""
+    if not hw.gpu_offload:
+        return 0.0
+    return round(sum(d.total_memory or 0 for d in hw.devices) / _GIB, 1)
+
+
+def model_info_body(pool: ModelPool, model_id: str) -> dict[str, Any]:
+    """xLLM's model info: the context this node runs it with (the LB's max_tokens), size,
+    quantization and family; read from the installed GGUF's header, else the catalog."""
+    installed = pool.resolver.installed(model_id)
+    entry = pool.resolver.catalog.find(model_id)
+    meta = _gguf_metadata(installed.path) if installed else {}
+    arch = meta.get("general.architecture")
+    trained = meta.get(f"{arch}.context_length") if arch else None
+    n_ctx = pool.settings.n_ctx or trained
+    filename = installed.path.name if installed else entry.filename if entry else ""
+    size = sum(p.stat().st_size for p in installed.paths) if installed else None
+    return {
+        "model": model_id,
+        "context_length": n_ctx if isinstance(n_ctx, int) else None,
+        "size_bytes": size if size is not None else (entry.total_size if entry else None),
+        "quantization": _quantization(filename),
+        "family": arch if isinstance(arch, str) else None,
+        "parameter_size": _text(meta.get("general.size_label")),
+    }
+
+
+def _gguf_metadata(path: Any) -> dict[str, Any]:
+    try:
+        return dict(read_header(path, tensors=False).metadata)
+    except (OSError, GGUFError):
+        return {}
+
+
+def _quantization(filename: str) -> str | None:
+    """``Q4_K_M`` from ``gemma-3-270m-q4_k_m.gguf``; None when the name does not say."""
+    match = _QUANT.search(filename.removesuffix(".gguf"))
+    return match.group(1).upper() if match else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _status(pool: ModelPool) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..catalog import ModelEntry
+from ..resolver import ModelStatus
 from . import openai
 from .pool import ModelPool
 
@@ -21,12 +22,19 @@ def runnable(entry: ModelEntry) -> bool:
 
 
 def model_ids(pool: ModelPool) -> list[str]:
-    """Every model this node can serve: runnable catalog entries, then hand-installed ones."""
+    """What /v1/models advertises: the runnable models on disk (catalog order, then those
+    installed by hand); with LLMLB_ADVERTISE=catalog, every runnable catalog entry too.
+
+    A load balancer routes a model to every node that lists it, so a node lists only what it
+    can answer before the balancer's timeout: a model it has (a cold download can take longer).
+    """
     resolver = pool.resolver
-    ids = [e.id for e in resolver.catalog if runnable(e)]
     catalog = resolver.catalog
-    ids += [i for i in resolver.store.installed_ids() if i not in catalog]
-    return ids
+    installed = resolver.store.installed_ids()
+    on_disk = set(installed)
+    everything = pool.settings.advertise == "catalog"
+    ids = [e.id for e in catalog if runnable(e) and (everything or e.id in on_disk)]
+    return ids + [i for i in installed if i not in catalog]
 
 
 def model_list(pool: ModelPool, created: int) -> list[dict[str, Any]]:
@@ -42,7 +50,45 @@ def model_info(pool: ModelPool, model_id: str, created: int) -> dict[str, Any]:
 
 def _model(pool: ModelPool, model_id: str, loaded: bool, created: int) -> dict[str, Any]:
     status = pool.resolver.status(model_id)
-    return openai.model_object(model_id, status.status, loaded, created)  # type: ignore[union-attr]
+    return openai.model_object(model_id, contract_status(status.status), loaded, created)  # type: ignore[union-attr]
+
+
+# The seed contract's ModelResolutionStatus.status has four values; ours are finer.
+_CONTRACT_STATUS = {
+    "local": "local",
+    "completed": "completed",
+    "downloading": "downloading",
+    "waiting": "downloading",  # another process downloads it; ours joins when it is done
+    "error": "error",
+    "interrupted": "error",  # stopped part way: not usable until the next request resumes it
+    "missing": "error",  # not on disk and not downloading: not usable until a request asks
+}
+
+
+_WHY_NOT_USABLE = {
+    "missing": "not on this node; a request for it downloads it",
+    "interrupted": "its download was interrupted; the next request for it resumes it",
+}
+
+
+def contract_status(status: str) -> str:
+    """`ModelStatus.status` in the contract's terms: local, downloading, completed or error."""
+    return _CONTRACT_STATUS.get(status, "error")
+
+
+def status_body(status: ModelStatus, catalog_size: int | None) -> dict[str, Any]:
+    """/v0/models/{id}/status: the contract's fields (numbers never null), our `stage`."""
+    body = status.to_dict()
+    total = status.total_bytes if status.total_bytes is not None else catalog_size
+    body.update(
+        status=contract_status(status.status),
+        stage=status.status,
+        error_message=status.error_message or _WHY_NOT_USABLE.get(status.status),
+        progress=status.progress or 0.0,
+        downloaded_bytes=status.downloaded_bytes or 0,
+        total_bytes=total or 0,
+    )
+    return body
 
 
 def supported_models(pool: ModelPool) -> dict[str, Any]:

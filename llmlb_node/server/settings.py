@@ -18,6 +18,8 @@ _DURATION = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 FOREVER = 10 * 365 * 86400.0
 """A keep-alive this long (ten years) or longer is kept forever, like ``-1``."""
+ADVERTISE = ("installed", "catalog")
+"""LLMLB_ADVERTISE's values; the first is the default."""
 
 
 def parse_duration(value: object, name: str = "keep_alive") -> float:
@@ -53,8 +55,12 @@ class ServerSettings:
     max_loaded_models: int = 2
     keep_alive: float = 300.0
     """Seconds an idle model stays loaded; 0 unloads after each request, -1 never."""
-    load_wait: float = 300.0
-    """Seconds a request waits for download + load before 503 model_loading."""
+    load_wait: float = 60.0
+    """Seconds a request waits for download + load before 503 model_loading: below the llmlb
+    load balancer's 120 s timeout over a whole response, leaving the rest for the answer."""
+    advertise: str = "installed"
+    """What /v1/models lists: ``installed`` (runnable models on disk) or ``catalog`` (every
+    runnable catalog model too, downloaded on first use)."""
     failure_ttl: float = 10.0
     """Seconds a failed download or load is answered from memory before the next retry."""
     n_ctx: int = 4096
@@ -79,7 +85,8 @@ class ServerSettings:
             "max_queue": _int(env, "LLMLB_MAX_QUEUE", 32, minimum=0),
             "max_loaded_models": _int(env, "LLMLB_MAX_LOADED_MODELS", 2, minimum=1),
             "keep_alive": parse_duration(env.get("LLMLB_KEEP_ALIVE") or "5m", "LLMLB_KEEP_ALIVE"),
-            "load_wait": _seconds(env, "LLMLB_LOAD_WAIT", 300.0),
+            "load_wait": _seconds(env, "LLMLB_LOAD_WAIT", 60.0),
+            "advertise": _choice(env, "LLMLB_ADVERTISE", ADVERTISE),
             "failure_ttl": _seconds(env, "LLMLB_RETRY_FAILED_AFTER", 10.0),
             "n_ctx": _int(env, "LLMLB_N_CTX", 4096, minimum=0),
             "n_threads": _int(env, "LLMLB_N_THREADS", 0, minimum=0) or None,
@@ -101,6 +108,13 @@ def _int(env: Mapping[str, str], key: str, default: int, minimum: int) -> int:
     if parsed < minimum:
         raise ValueError(f"{key}={value!r} must be at least {minimum}")
     return parsed
+
+
+def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
+    value = (env.get(key) or choices[0]).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{key}={env.get(key)!r} must be one of {', '.join(choices)}")
+    return value
 
 
 def _seconds(env: Mapping[str, str], key: str, default: float) -> float:

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from lb import LoadBalancer
+from lb import XLLM, LoadBalancer
 from node import running_node
 from servers import refused_url
 
@@ -24,31 +24,66 @@ LONG = {
 SHORT = {**LONG, "max_tokens": 4}
 
 
-def test_health_is_busy_while_every_loaded_models_queue_is_full(gemma_file: Path) -> None:
+def _gemma_env(gemma_file: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
-    env.update(LLMLB_HOME=str(gemma_file.parents[2]), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
+    home = gemma_file.parents[2]  # the store the session's Gemma was assembled into
+    env.update(LLMLB_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
+    return env
+
+
+def _health(node) -> dict:  # noqa: ANN001 - tests/node.py's Node
+    return node.get("/api/health")[2]
+
+
+def test_health_is_busy_while_every_loaded_models_queue_is_full(gemma_file: Path) -> None:
     lb = LoadBalancer()
-    with running_node(env, api_key="k", MAX_QUEUE="1", N_CTX="512") as node:
+    with running_node(_gemma_env(gemma_file), api_key="k", MAX_QUEUE="1", N_CTX="512") as node:
         lb.register("node-1", node.url, "k")
         assert node.post("/v1/chat/completions", SHORT)[0] == 200  # loads it
-        idle = lb.poll("node-1")
+        idle = _health(node)
         first = threading.Thread(target=node.post, args=("/v1/chat/completions", LONG))
         first.start()
-        node.wait_for(lambda: lb.poll("node-1")["load"]["active_requests"] == 1, what="running")
+        node.wait_for(lambda: lb.check("node-1").gpu.active_requests == 1, what="running")
         second = threading.Thread(target=node.post, args=("/v1/chat/completions", SHORT))
         second.start()
         seen = []
-        node.wait_for(lambda: seen.append(lb.poll("node-1")) or seen[-1]["status"] == "busy")
+        node.wait_for(lambda: seen.append(_health(node)) or seen[-1]["status"] == "busy")
+        read = lb.check("node-1").gpu
         full, _, refused = node.post("/v1/chat/completions", SHORT)
         first.join()
         second.join()
-        after = lb.poll("node-1")
+        after = _health(node)
+        lb.close()
 
     assert idle["status"] == "online" and idle["loaded_models"] == [GEMMA_ID]
-    assert seen[-1]["load"]["active_requests"] == 2
+    assert seen[-1]["load"]["active_requests"] == 2 and read.active_requests == 2
     assert seen[-1]["loaded_models"] == [GEMMA_ID]
     assert full == 429 and refused["error"]["code"] == "server_busy"
     assert after["status"] == "online" and after["load"]["active_requests"] == 0
+
+
+@pytest.mark.parametrize("api_key", [None, "k"])
+def test_the_lb_detects_syncs_and_forwards_to_a_node_with_gemma(
+    gemma_file: Path, api_key: str | None
+) -> None:
+    with (
+        running_node(_gemma_env(gemma_file), api_key=api_key, N_CTX="512") as node,
+        LoadBalancer() as lb,
+    ):
+        endpoint = lb.register("node-1", node.url, api_key)
+        plain = lb.forward(None, "/v1/chat/completions", SHORT)
+        stream = lb.forward(None, "/v1/chat/completions", {**SHORT, "stream": True})
+        checked = lb.check("node-1")
+
+    assert endpoint.type == XLLM and endpoint.models == {GEMMA_ID: 512}
+    assert plain.status == 200 and plain.body["model"] == GEMMA_ID
+    assert plain.body["choices"][0]["message"]["role"] == "assistant"
+    assert plain.usage is not None and plain.usage["output_tokens"] > 0
+    assert stream.status == 200 and stream.done and not stream.cut_short
+    assert stream.usage == plain.usage  # counted from the include_usage chunk
+    assert stream.sent["stream_options"] == {"include_usage": True}
+    assert checked.status == "online" and checked.asked == ["/api/health"]
+    assert checked.gpu is not None and checked.gpu.active_requests == 0
 
 
 def test_a_node_fed_by_another_answers_and_the_hub_serves_gemma_once(

@@ -136,33 +136,54 @@ def test_unknown_route_and_method_answer_in_openai_shape(node_for_world) -> None
     assert method_status == 405
 
 
-def test_models_routes_list_the_catalog_with_status_and_loaded(world: World) -> None:
+def test_models_lists_what_is_installed_and_supported_models_the_catalog(world: World) -> None:
     world.add_model("other", {"other.gguf": b"GGUF" + bytes(100)})
     world.add_model("onnx-one", {"m.onnx": b"x" * 10}, format="onnx", engine="onnxruntime")
     with running_node() as node:
         client = _client(node)
-        listed = client.models.list()
-        one = client.models.retrieve(MODEL_ID)
-        _, _, raw = node.get("/v1/models")
+        empty = client.models.list()
+        one = client.models.retrieve(MODEL_ID)  # a catalog model is known before it is installed
         supported_status, _, supported = node.get("/v0/supported-models")
         status_code, _, status = node.get(f"/v0/models/{MODEL_ID}/status")
         missing_code, _, missing = node.get("/v0/models/nope/status")
+        pulled, _, _ = node.post("/api/models/pull", {"model": MODEL_ID, "stream": False})
+        _, _, listed = node.get("/v1/models")
+        _, _, done = node.get(f"/v0/models/{MODEL_ID}/status")
 
-    assert [m.id for m in listed.data] == [MODEL_ID, "other"]  # onnx-one: not runnable here
+    assert empty.data == []  # nothing on disk: nothing a load balancer should route here
     assert one.id == MODEL_ID and one.object == "model" and one.owned_by == "llmlb-node"
-    assert raw["data"][0]["status"] == "missing" and raw["data"][0]["loaded"] is False
-    assert isinstance(raw["data"][0]["created"], int)
     assert supported_status == 200
     rows = {r["id"]: r for r in supported["models"]}
+    assert set(rows) == {MODEL_ID, "other", "onnx-one"}
     assert rows[MODEL_ID]["source"] == "hf_gguf"
     assert rows[MODEL_ID]["repo_id"] == "test-org/tiny-GGUF"
     assert rows[MODEL_ID]["is_local"] is False and rows[MODEL_ID]["tags"] == ["test"]
     assert rows["onnx-one"]["source"] == "hf_onnx" and rows["onnx-one"]["runnable"] is False
     assert status_code == 200
-    assert status["model_id"] == MODEL_ID and status["status"] == "missing"
-    assert status["progress"] == 0.0 and status["total_bytes"] == len(world.content)
-    assert {"downloaded_bytes", "local_path", "error_message"} <= set(status)
+    assert status["model_id"] == MODEL_ID
+    assert status["status"] == "error" and status["stage"] == "missing"  # the contract's four
+    assert status["error_message"] == "not on this node; a request for it downloads it"
+    assert status["progress"] == 0.0 and status["downloaded_bytes"] == 0
+    assert status["total_bytes"] == len(world.content)
+    assert "local_path" in status
     assert missing_code == 404 and missing["error"]["code"] == "model_not_found"
+    assert pulled == 200
+    assert [m["id"] for m in listed["data"]] == [MODEL_ID]
+    assert listed["data"][0]["status"] == "completed" and listed["data"][0]["loaded"] is False
+    assert isinstance(listed["data"][0]["created"], int)
+    assert done["status"] == "completed" and done["stage"] == "completed"
+    assert done["downloaded_bytes"] == done["total_bytes"] == len(world.content)
+
+
+def test_advertise_catalog_lists_every_runnable_catalog_model(world: World) -> None:
+    world.add_model("other", {"other.gguf": b"GGUF" + bytes(100)})
+    world.add_model("onnx-one", {"m.onnx": b"x" * 10}, format="onnx", engine="onnxruntime")
+    with running_node(ADVERTISE="catalog") as node:
+        listed = _client(node).models.list()
+        _, _, raw = node.get("/v1/models")
+
+    assert [m.id for m in listed.data] == [MODEL_ID, "other"]  # onnx-one: not runnable here
+    assert raw["data"][0]["status"] == "error" and raw["data"][0]["loaded"] is False
     assert world.requests() == 0
 
 
@@ -217,7 +238,7 @@ def test_a_model_llama_cpp_cannot_load_is_500_model_load_failed(world: World) ->
 
 
 def test_api_key_is_required_on_every_route_when_set(world: World) -> None:
-    with running_node(api_key="s3cret") as node:
+    with running_node(api_key="s3cret", ADVERTISE="catalog") as node:
         no_key = node.get("/v1/models", headers={"Authorization": ""})
         wrong = node.get("/v0/supported-models", headers={"Authorization": "Bearer nope"})
         right = node.get("/v1/models")

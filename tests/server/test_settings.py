@@ -22,7 +22,8 @@ def test_llmlb_n_threads_must_be_a_whole_number() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("LLMLB_N_THREADS", "two"), ("LLMLB_MAX_LOADED_MODELS", "0")]
+    ("name", "value"),
+    [("LLMLB_N_THREADS", "two"), ("LLMLB_MAX_LOADED_MODELS", "0"), ("LLMLB_ADVERTISE", "all")],
 )
 def test_serve_with_a_value_it_cannot_use_exits_2_naming_the_variable(
     llmlb_env: object,
@@ -55,3 +56,13 @@ def test_ten_years_or_more_is_forever_not_a_timer_no_clock_holds(value: object) 
 
 def test_just_under_ten_years_is_kept_as_given() -> None:
     assert parse_duration(FOREVER - 1) == FOREVER - 1
+
+
+def test_llmlb_load_wait_defaults_below_the_load_balancers_timeout() -> None:
+    from lb import INFERENCE_TIMEOUT
+
+    settings = ServerSettings.from_env({})
+
+    assert settings.load_wait == 60.0 < INFERENCE_TIMEOUT  # a 503 reaches the client first
+    assert settings.advertise == "installed"
+    assert ServerSettings.from_env({"LLMLB_ADVERTISE": "Catalog"}).advertise == "catalog"
