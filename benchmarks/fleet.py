@@ -1,25 +1,29 @@
-"""The fleet's benchmarks (F1, F2): what the llmlb load balancer sees, and nodes feeding nodes.
+"""The fleet's benchmarks (F1-F3): what the llmlb load balancer sees, and nodes feeding nodes.
 
 F1: `/api/health` and `/api/system` latency while the node downloads, loads and generates.
 F2: one seed node reaches the loopback Hub; the other nodes may not (their allowlist excludes it)
 and have the seed as their LLMLB_URL; all receive a first chat request for cold Gemma at once.
+F3: F2 bound by the network, as a real fleet is: every node receives through its own loopback
+relay (benchmarks/relay.py) capped at 25 MB/s, the Hub capped the same, so the CPU mostly idles.
 Every node is a real `llmlb-node serve` process on loopback; the client runs here.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import re
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx
 
-from benchmarks.harness import ROOT, write_catalog
+from benchmarks.harness import BENCH_DIR, ROOT, write_catalog
 from benchmarks.stats import Section, Stat, ratios
 from benchmarks.suite import Context
 
@@ -34,6 +38,11 @@ SEED_KEY = "seed-node-key"
 # seven thread pools each sized for the whole machine spin against each other.
 FLEET_NODE = {"n_threads": "1"}
 HUB_RATE = 60_000_000  # bytes/s per connection in F1: the download lasts a few seconds
+NET_RATE = 25_000_000  # F3: bytes/s into each node (through its relay), and per Hub connection
+# F3: one connection per download. Under a per-node cap more ranges add no speed, and a seed
+# filling four ranges at once has only the first one's bytes in order for the nodes it feeds.
+NET_NODE = {**FLEET_NODE, "download_connections": "1"}
+RELAY = BENCH_DIR / "relay.py"
 
 
 @contextmanager
@@ -241,11 +250,17 @@ def bench_fleet(ctx: Context) -> Section:
     return s
 
 
-def _fleet_run(ctx: Context, size: int) -> dict[str, Any]:
+def _fleet_run(
+    ctx: Context,
+    size: int,
+    node: dict[str, str] = FLEET_NODE,
+    via: Callable[[int], dict[str, str]] = lambda i: {},
+) -> dict[str, Any]:
+    """One seed and `size - 1` nodes fed by it; `via(i)` adds node i's environment."""
     g = ctx.gemma
     assert g is not None
     with ExitStack() as stack:
-        seed_env = _cold_env(ctx, "seed", **FLEET_NODE)
+        seed_env = {**_cold_env(ctx, "seed", **node), **via(0)}
         seed = stack.enter_context(_node(seed_env, api_key=SEED_KEY))
         fed = {
             "LLMLB_URL": seed.url,
@@ -254,7 +269,7 @@ def _fleet_run(ctx: Context, size: int) -> dict[str, Any]:
         }
         nodes = [seed]
         for i in range(size - 1):
-            env = {**_cold_env(ctx, f"fed-{i}", **FLEET_NODE), **fed}
+            env = {**_cold_env(ctx, f"fed-{i}", **node), **fed, **via(i + 1)}
             nodes.append(stack.enter_context(_node(env)))
         ctx.servers.reset()
         results: dict[int, float | BaseException] = {}
@@ -285,3 +300,95 @@ def _fleet_run(ctx: Context, size: int) -> dict[str, Any]:
         "installed": installed,
         "hub": stats["hub_bytes"] + stats["cdn_bytes"],
     }
+
+
+# --------------------------------------------------------------------------- F3
+
+
+class Relays:
+    """benchmarks/relay.py in its own process: one capped forward proxy per node."""
+
+    def __init__(self, nodes: int, rate: float) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(RELAY), "--nodes", str(nodes), "--rate", str(rate)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.ports: list[int] = json.loads(self.proc.stdout.readline())["ports"]
+
+    def env(self, i: int) -> dict[str, str]:
+        """Node i's environment: every HTTP request it makes goes through its relay."""
+        proxy = f"http://127.0.0.1:{self.ports[i]}"
+        return {"HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+
+    def __enter__(self) -> Relays:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # our own child, by its PID
+            self.proc.wait(5)
+
+
+def bench_network_fleet(ctx: Context) -> Section:
+    """F3: F2 with every node's inbound bytes, and each Hub connection, capped at 25 MB/s."""
+    g = ctx.gemma
+    assert g is not None
+    size = 3 if ctx.quick else 7
+    mb = NET_RATE / 1e6
+    s = Section("F3", f"Fleet, network-bound: {size} nodes, each receiving ≤ {mb:g} MB/s")
+    rows = []
+    ctx.servers.rate(NET_RATE)
+    try:
+        for run in range(1 if ctx.quick else 3):
+            rows.append(_network_run(ctx, size))
+            r = rows[-1]
+            ctx.log(
+                f"  F3: run {run + 1}: single installed {r['single_installed']:.2f}s, "
+                f"every node of {size} {r['installed']:.2f}s, Hub {r['hub'] / g.size:.3f}×, "
+                f"answers {r['answers']}"
+            )
+    finally:
+        ctx.servers.rate(None)
+    alone = [r["single_installed"] for r in rows]
+    everyone = [r["installed"] for r in rows]
+    s.add(Stat(f"one node alone at {mb:g} MB/s: request → model installed", "s", alone))
+    s.add(Stat(f"fleet of {size}: request → model installed on every node", "s", everyone))
+    s.add(Stat("one node alone: first token", "s", [r["single"] for r in rows]))
+    s.add(Stat(f"fleet of {size}: last node's first token", "s", [r["last"] for r in rows]))
+    s.goal(
+        Stat("last node installed ÷ one node alone", "×", ratios(everyone, alone)),
+        "<=",
+        1.5,
+        "≤ 1.5 × one node alone at the same cap",
+    )
+    s.goal(
+        Stat("bytes served by the Hub ÷ model size", "×", [r["hub"] / g.size for r in rows]),
+        "<=",
+        1.05,
+        "≤ 1.05 × the model's size",
+    )
+    s.goal(Stat("nodes that answered", "count", [r["answers"] for r in rows]), ">=", size, "all")
+    return s
+
+
+def _network_run(ctx: Context, size: int) -> dict[str, Any]:
+    g = ctx.gemma
+    assert g is not None
+    with Relays(1, NET_RATE) as relay, _node(_relayed(ctx, "net-single", relay)) as node:
+        sent = time.time()
+        single = _first_token(node.url, g.model_id)
+        single_installed = _installed_after(node.log, g.model_id, sent)
+    with Relays(size, NET_RATE) as relays:
+        row = _fleet_run(ctx, size, NET_NODE, relays.env)
+    return {**row, "single": single, "single_installed": single_installed}
+
+
+def _relayed(ctx: Context, name: str, relay: Relays) -> dict[str, str]:
+    return {**_cold_env(ctx, name, **NET_NODE), **relay.env(0)}

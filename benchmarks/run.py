@@ -37,7 +37,7 @@ from benchmarks.harness import (  # noqa: E402
 from benchmarks.stats import Section, fmt, markdown, text_table  # noqa: E402
 
 SERVING = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
-FLEET = ("F1", "F2")
+FLEET = ("F1", "F2", "F3")
 SECTIONS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", *SERVING, *FLEET)
 NEEDS_GEMMA = {"1", "2", "6", "7", *SERVING, *FLEET}
 NEEDS_PAYLOAD = {"3", "4", "5", "8", "9", "10"}
@@ -176,6 +176,7 @@ def _run_sections(ctx: suite.Context, wanted: list[str]) -> list[Section]:
         (("S7",), serving.bench_idle_rss),
         (("F1",), fleet.bench_health),
         (("F2",), fleet.bench_fleet),
+        (("F3",), fleet.bench_network_fleet),
     ]
     titles = {
         "1": "Cached resolve",
@@ -197,6 +198,7 @@ def _run_sections(ctx: suite.Context, wanted: list[str]) -> list[Section]:
         "S7": "serve: idle RSS",
         "F1": "LB polls during download, load and generation",
         "F2": "Fleet: nodes feeding nodes",
+        "F3": "Fleet, network-bound",
     }
     for keys, fn in plan:
         if not set(keys) & set(wanted):
