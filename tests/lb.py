@@ -70,6 +70,8 @@ class Endpoint:
     """Model id -> max_tokens (xLLM's `/api/models/{id}/info` context_length), as synced."""
     gpu: GpuInfo | None = None
     last_sync: float | None = None
+    auto_synced: float | None = None
+    """When a health check last started a model sync (registration's does not count)."""
     asked: list[str] = field(default_factory=list)
     """Every path the health checks asked, in order (`/api/health`, `/v1/models`)."""
 
@@ -214,10 +216,13 @@ class LoadBalancer:
             endpoint.last_error = None
 
     def _maybe_sync(self, endpoint: Endpoint) -> None:
-        """src/health/endpoint_checker.rs:426-512: at most once per AUTO_SYNC_INTERVAL."""
+        """src/health/endpoint_checker.rs:426-512: at most once per AUTO_SYNC_INTERVAL, the
+        first healthy check included (the registration's sync does not set the throttle)."""
         now = self.clock()
-        if endpoint.last_sync is None or now - endpoint.last_sync >= AUTO_SYNC_INTERVAL:
-            self.sync_models(endpoint.name)
+        if endpoint.auto_synced is None or now - endpoint.auto_synced >= AUTO_SYNC_INTERVAL:
+            endpoint.auto_synced = now
+            if not self.sync_models(endpoint.name):
+                endpoint.auto_synced = None  # :490-509: a failed sync is retried next time
 
     # -- model sync ----------------------------------------------------------------------------
     def sync_models(self, name: str) -> bool:

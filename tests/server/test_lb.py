@@ -87,6 +87,20 @@ def test_installed_models_are_synced_with_the_context_the_node_runs_them_at(
     assert ollama_reason(tags) is None  # installed rows are not Ollama's {name, size}
 
 
+def test_a_model_installed_later_is_synced_at_the_next_sync_window(world: World) -> None:
+    with running_node(api_key=KEY) as node, LoadBalancer() as lb:
+        lb.register("node-1", node.url, KEY)
+        first = dict(lb.check("node-1").models)  # the first healthy check syncs too
+        _pull(node)
+        within = dict(lb.check("node-1").models)  # less than 15 min later: not asked again
+        start = time.monotonic()
+        lb.clock = lambda: start + 900  # src/config.rs:120-127, 15 min
+        later = dict(lb.check("node-1").models)
+
+    assert first == {} and within == {}
+    assert later == {MODEL_ID: 4096}  # LLMLB_N_CTX's default, from /api/models/{id}/info
+
+
 def test_a_node_that_stops_answering_is_error_then_offline_and_back_online(world: World) -> None:
     with LoadBalancer() as lb:
         with running_node(api_key=KEY) as node:
