@@ -81,10 +81,26 @@ class Tab:
         return result
 
 
-def open_tab(browser: Any, url: str, shots: Path, **context: Any) -> Tab:
-    """`url` in a new context (viewport, color_scheme, ... from `context`)."""
+# Makes `document.hidden` settable (`window.setHidden(true)`), as a tab in the background has it.
+HIDDEN_SWITCH = """
+let hidden = false;
+Object.defineProperty(Document.prototype, "hidden", { get: () => hidden, configurable: true });
+window.setHidden = (value) => {
+  hidden = value;
+  document.dispatchEvent(new Event("visibilitychange"));
+};
+"""
+
+
+def open_tab(
+    browser: Any, url: str, shots: Path, init_script: str | None = None, **context: Any
+) -> Tab:
+    """`url` in a new context (viewport, color_scheme, ... from `context`), with `init_script`
+    run before the page's own scripts."""
     shots.mkdir(parents=True, exist_ok=True)
     page = browser.new_context(**{"viewport": {"width": 1200, "height": 900}, **context}).new_page()
+    if init_script:
+        page.add_init_script(init_script)
     tab = Tab(page, shots)
     page.on("console", lambda message: tab.console.append((message.type, message.text)))
     page.on("pageerror", lambda error: tab.page_errors.append(str(error)))

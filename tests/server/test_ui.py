@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
 
-from browser import open_tab
+from browser import HIDDEN_SWITCH, open_tab
 from node import running_node
 from servers import refused_url
 from world import FILENAME, MODEL_ID, REPO, SIZE, World
@@ -116,3 +117,53 @@ def test_a_wrong_key_is_an_error_on_the_page_and_the_right_key_shows_the_models(
     assert "refused this key" in refused and "401 invalid_api_key" in refused
     assert kept == KEY and not asked_again  # asked once: the tab keeps the key
     assert errors == []
+
+
+def test_an_unusable_entry_has_no_pull_button_and_a_pull_installs_a_model(
+    world: World, chromium: object, tmp_path: Path
+) -> None:
+    world.add_model("tiny-st", {"tiny.safetensors": b"x" * 1000}, format="safetensors")
+    with running_node() as node:
+        tab = open_tab(
+            chromium, node.url, tmp_path / "screenshots", viewport={"width": 360, "height": 700}
+        )
+        page = tab.page
+        page.wait_for_selector("tr[data-model=tiny-st] .mark.unusable")
+        unusable = page.locator("tr[data-model=tiny-st] button").all_inner_texts()
+        page.click(f"tr[data-model={MODEL_ID}] button[data-action=pull]")
+        page.wait_for_selector(f"tr[data-model={MODEL_ID}] .mark.installed")
+        page.wait_for_selector("#messages li.info")
+        said = page.inner_text("#messages")
+        choices = page.locator("#play-model option").all_inner_texts()
+        tab.shot("unusable-and-pulled-360")
+        errors = tab.errors()
+
+    assert unusable == []  # nothing to pull: this node cannot run it
+    assert f"{MODEL_ID}: installed." in said
+    assert choices == [MODEL_ID]  # the playground offers installed, runnable models only
+    assert world.installed_path().exists()
+    assert errors == []
+
+
+def test_a_hidden_tab_sends_no_request_until_it_is_shown_again(
+    world: World, chromium: object, tmp_path: Path
+) -> None:
+    with running_node() as node:
+        url = f"{node.url}/?poll=200"
+        tab = open_tab(chromium, url, tmp_path / "screenshots", init_script=HIDDEN_SWITCH)
+        tab.page.wait_for_selector(f"tr[data-model={MODEL_ID}]")
+        tab.page.evaluate("() => window.setHidden(true)")
+        time.sleep(1.0)  # the round in flight ends
+        hidden_from = _polls(node)
+        time.sleep(3.0)
+        while_hidden = _polls(node) - hidden_from
+        tab.page.evaluate("() => window.setHidden(false)")
+        node.wait_for(lambda: _polls(node) > hidden_from + 3, 10, "polling to resume")
+        errors = tab.errors()
+
+    assert while_hidden == 0
+    assert errors == []
+
+
+def _polls(node: object) -> int:
+    return node.log.count("GET /api/ps ")  # type: ignore[attr-defined]

@@ -483,13 +483,14 @@ async function play(ev) {
   const model = $("play-model").value;
   const prompt = $("play-prompt").value;
   const body = { model, max_tokens: Number($("play-max").value) || 64, stream: true };
+  body.stream_options = { include_usage: true }; // the last chunk counts the tokens
   if (chat) body.messages = [{ role: "user", content: prompt }];
   else body.prompt = prompt;
   playing = new AbortController();
   setPlaying(true);
   const text = document.createTextNode("");
   $("play-output").replaceChildren(text);
-  const meter = { start: performance.now(), first: 0, last: 0, tokens: 0 };
+  const meter = { start: performance.now(), first: 0, last: 0, tokens: 0, counted: null };
   $("play-stats").textContent = "waiting for the first token…";
   try {
     const resp = await request(chat ? "/v1/chat/completions" : "/v1/completions", { method: "POST", body, signal: playing.signal });
@@ -512,6 +513,7 @@ async function readAnswer(resp, chat, text, meter) {
     if (event.data === "[DONE]") return;
     const chunk = JSON.parse(event.data);
     if (chunk.error) throw new ApiError(resp.status, chunk.error.code, chunk.error.message);
+    if (chunk.usage) meter.counted = chunk.usage.completion_tokens ?? null;
     const choice = (chunk.choices || [])[0] || {};
     const piece = chat ? (choice.delta || {}).content : choice.text;
     if (!piece) continue;
@@ -561,7 +563,8 @@ function stats(m, phase) {
   if (!m.tokens) return phase;
   const ttft = m.first - m.start;
   const rate = m.tokens > 1 && m.last > m.first ? ((m.tokens - 1) * 1000) / (m.last - m.first) : null;
-  const parts = [`TTFT ${Math.round(ttft)} ms`, rate === null ? null : `${rate.toFixed(1)} tok/s`, `${m.tokens} tokens`, phase];
+  const tokens = m.counted ?? m.tokens; // the node's count once it sent it, else the chunks seen
+  const parts = [`TTFT ${Math.round(ttft)} ms`, rate === null ? null : `${rate.toFixed(1)} tok/s`, `${tokens} tokens`, phase];
   return parts.filter(Boolean).join(" · ");
 }
 
