@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 from gguf import make_gguf, sha256_hex
-from servers import HTML_ERROR_PAGE, RecordedRequest, Reply, ScriptedServer, honest_reply
+from servers import (
+    HTML_ERROR_PAGE,
+    RecordedRequest,
+    Reply,
+    ScriptedServer,
+    honest_reply,
+    requested_range,
+)
 from world import World
 
 from llmlb_node import ModelResolver
@@ -36,13 +43,16 @@ MISBEHAVIOURS = {
     "wrong-total": 2,  # a size header (Content-Length of a 200, Content-Range total) that lies
     "html": 1,  # a 200 error page instead of the file
     "503": 1,
+    "416-on-resume": 2,  # 416 to a Range not from byte 0 (a fresh GET still works)
 }
+# A liar's ETags: none, one per version (strong), or one weak ETag whatever the version.
+ETAG_MODES = ("none", "per-version", "weak")
 
 
 class Liar:
     """Answers each request with a misbehaviour drawn from its own seeded generator."""
 
-    def __init__(self, rng: random.Random, versions: list[bytes], etags: bool) -> None:
+    def __init__(self, rng: random.Random, versions: list[bytes], etags: str) -> None:
         self.rng = rng
         self.versions = versions
         self.current = 0
@@ -55,7 +65,9 @@ class Liar:
         if kind == "change-version":
             self.current = 1 - self.current
         content = self.versions[self.current]
-        etag = f'"v{self.current}-{sha256_hex(content)[:12]}"' if self.etags else None
+        etag = {"none": None, "weak": 'W/"v"'}.get(
+            self.etags, f'"v{self.current}-{sha256_hex(content)[:12]}"'
+        )
         self.log.append(f"{rec.headers.get('range')} -> {kind} (v{self.current})")
         reply = honest_reply(content, rec, etag)
         n = len(reply.body)
@@ -92,6 +104,8 @@ class Liar:
             reply.headers["Content-Length"] = str(len(HTML_ERROR_PAGE))
         elif kind == "503":
             reply = Reply(503, {"Content-Length": "0"})
+        elif kind == "416-on-resume" and (requested_range(rec, len(content)) or (0,))[0] > 0:
+            reply = Reply(416, {"Content-Range": f"bytes */{len(content)}", "Content-Length": "0"})
         return reply
 
 
@@ -100,7 +114,7 @@ def _round(world: World, seed: int) -> None:
     size_a = rng.choice([30_000, 70_000, 150_000])
     size_b = rng.choice([size_a, size_a + 8192])
     versions = [make_gguf(size_a, seed=seed * 2 + 1), make_gguf(size_b, seed=seed * 2 + 2)]
-    liar = Liar(random.Random(seed + 1), versions, etags=rng.random() < 0.5)
+    liar = Liar(random.Random(seed + 1), versions, etags=rng.choice(ETAG_MODES))
     server = ScriptedServer(liar)
     exact = rng.random() < 0.4
     with_sha = rng.random() < 0.3

@@ -18,7 +18,7 @@ from ..store import Partial
 from . import checks, disk, http
 from .parts import copy_parts
 from .transfer import HttpTransfer, ProgressFn
-from .validators import SourceChanged
+from .validators import Restart
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,10 @@ class Downloader:
         except (IntegrityError, GGUFError) as exc:
             partial.discard()
             raise fail(remote.source, "integrity", str(exc), remote.url) from exc
-        except SourceChanged as exc:
+        except Restart as exc:  # a second time: fetching it from zero did not help
             partial.discard()
-            raise fail(remote.source, "http", f"the file changed during download: {exc}") from exc
+            message = f"{file.filename}: {exc}, again after fetching it from zero"
+            raise fail(remote.source, "http", message, remote.url) from exc
         except (SourceError, DownloadStalledError):
             if not any(s[2] > s[0] for s in partial.meta.get("segments", [])):
                 partial.discard()  # nothing worth resuming

@@ -102,7 +102,8 @@ def get_range(clients: Any, remote: Remote, range_header: str, deadline: float) 
         if _scheme(url) not in ("http", "https"):
             raise fail(remote.source, "http", f"not an http(s) URL: {url}", url)
         client = clients.client(url)
-        request = client.build_request("GET", url, headers={"range": range_header})
+        headers = {"range": range_header} if range_header else {}
+        request = client.build_request("GET", url, headers=headers)
         # Decided on the URL as httpx will connect to it, hop by hop: a redirect to another
         # port, host or scheme loses the secret.
         if remote.headers and may_carry_secret(str(request.url), remote.auth_origin):

@@ -23,6 +23,9 @@ class Segment:
     start: int
     end: int | None
     done: int
+    lead: bytes = field(default=b"", repr=False)
+    """A parallel range's first answer starts inside its neighbour: those bytes, compared with
+    the neighbour's once it holds them (two versions under one ETag would differ there)."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -24,7 +24,7 @@ from . import disk, http
 from .checks import HeaderProbe, PrefixHasher, declared_size, is_gguf_name
 from .ranges import MIN_PART, Ranges, Segment
 from .sidecar import Background, SaveClock
-from .validators import RangesIgnored, SourceChanged, can_resume, check_validator, etag_of, overlap
+from .validators import Held, Offer, Plan, Restart, Validator, answer_validator, can_resume, decide
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,9 @@ class HttpTransfer:
         """The exact size known before any answer (catalog, Hub metadata): servers must agree."""
         self.total: int | None = self.declared
         self.sha256 = remote.sha256 or file.sha256
-        self.validator = remote.validator
+        self.validator = Validator.parse(remote.validator)
+        """The version the bytes held are of: the source's, else learned from the first answer
+        (the weaker of the two when they agree only weakly)."""
         self.ranges = Ranges()
         self.lock = threading.Lock()
         self.cancel = threading.Event()
@@ -86,8 +88,9 @@ class HttpTransfer:
         self.workers: list[threading.Thread] = []
         self.errors: list[BaseException] = []
         self.may_split = False
+        self.one_stream = False
+        """After a restart that Range caused (ignored, or 416 to a resume): no Range at all."""
         self.preallocated = False
-        self.remote_ranges = remote.ranges
         self.clock = SaveClock()
         self.saver = Background(self._save, "llmlb-sidecar")
 
@@ -117,7 +120,7 @@ class HttpTransfer:
             return
         self.ranges = Ranges.from_json(meta["segments"])
         self.total = meta.get("size", self.total)
-        self.validator = meta.get("validator") or self.validator
+        self.validator = Validator.parse(meta.get("validator")) or self.validator
         log.info(
             "%s: resuming %s at byte %d of %s",
             self.remote.source,
@@ -127,39 +130,47 @@ class HttpTransfer:
         )
 
     def _transfer_with_restarts(self) -> None:
+        """The transfer, and once more from zero if the held bytes turn out to be of no use; a
+        second `Restart` reaches the caller."""
         try:
             self._transfer()
-        except RangesIgnored:
-            log.info("%s ignores Range; fetching %s in one stream", self.url, self.file)
-            self._restart()
-            self._transfer()
-        except SourceChanged as exc:
-            log.warning("%s: %s; discarding the partial file and starting again", self.url, exc)
-            self._restart()
-            self.validator = self.remote.validator
-            self.remote_ranges = self.remote.ranges
+        except Restart as exc:
+            log.warning(
+                "%s: %s; discarding the partial %s and fetching it from zero",
+                self.url,
+                exc,
+                self.file.filename,
+            )
+            self._restart(exc.one_stream)
             self._transfer()
 
     def _new_probe(self) -> None:
         self.probe.result()
         self.probe = HeaderProbe(self.fd, enabled=is_gguf_name(self.file.filename))
 
-    def _restart(self) -> None:
-        self.partial.generation += 1  # before a byte is overwritten: readers stop here
+    def _forget_bytes(self) -> None:
+        """Before a held byte is overwritten: readers of the partial stop here, and the hash and
+        the header probe start over (the one reset every restart path shares)."""
+        self.partial.generation += 1
+        self._new_probe()
+        if self.hasher is not None:
+            self.hasher.stop()
+            self.hasher = None
+        self.partial.verified = 0
+
+    def _restart(self, one_stream: bool) -> None:
+        """Discard everything held: the next `_transfer` fetches the file from zero."""
+        self._forget_bytes()
         self.saver.stop()  # no sidecar for the old bytes may land after this
         self.saver = Background(self._save, "llmlb-sidecar")
         self.cancel.clear()
         self.ranges = Ranges()
         self.partial.meta.clear()
         os.ftruncate(self.fd, 0)
-        self.remote_ranges = False
         self.total = self.declared
+        self.validator = Validator.parse(self.remote.validator)
         self.preallocated = False
-        self._new_probe()
-        if self.hasher is not None:
-            self.hasher.stop()
-            self.hasher = None
-        self.partial.verified = 0
+        self.one_stream = one_stream
 
     def _new_hasher(self) -> PrefixHasher:
         self.partial.verified = 0
@@ -177,7 +188,8 @@ class HttpTransfer:
             # CPU work on this side. Splitting needs a strong validator (ETag or sha256): ranges
             # of different versions of a file must never be joined.
             self.ranges = Ranges([Segment(0, self.total, 0)])
-            self.may_split = self.remote_ranges and self.s.download_connections > 1
+            ranged = self.remote.ranges and not self.one_stream
+            self.may_split = ranged and self.s.download_connections > 1
         self._preallocate()
         self.hasher = self._new_hasher()
         self._note_progress(force=True)
@@ -188,6 +200,7 @@ class HttpTransfer:
             if todo:
                 self._run_segment(todo[0])
             self._join()
+            self._check_leads()
         except Cancelled:
             self.cancel.set()
             self._join()  # raises the other segment's failure that cancelled this one
@@ -222,13 +235,23 @@ class HttpTransfer:
             # A stall or a source failure matters more than the cancellations it caused.
             raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
 
-    def _learn_size(self, response: httpx.Response) -> None:
-        """From the first answer: whether the file may be split later."""
-        if response.status_code != 206 or self.total is None:
+    def _learn_size(self, response: httpx.Response, verdict: Plan) -> None:
+        """From the first answer: whether the file may be split later (without a strong
+        validator it is fetched in one stream, resumed over an overlap)."""
+        if response.status_code != 206 or self.total is None or not verdict.split:
             self.may_split = False
-        if not (self.sha256 or (self.validator and etag_of(response) == self.validator)):
-            self.may_split = False  # no strong validator: one stream, resumed with an overlap
         self._preallocate()
+
+    def _check_leads(self) -> None:
+        """Each parallel range's first bytes repeated its neighbour's last: they must agree."""
+        for seg in self.ranges.segments:
+            lead = seg.lead
+            if lead and os.pread(self.fd, len(lead), seg.start - len(lead)) != lead:
+                raise IntegrityError(
+                    f"{self.file.filename}: {self.remote.source} sent other bytes before offset "
+                    f"{seg.start} in the range starting there than in the range before it "
+                    f"(two versions of the file under one ETag {self.validator})"
+                )
 
     def _agree(self, size: int, label: str, seg: Segment) -> None:
         """Every size a server states must match what is known: never trim, never pad."""
@@ -244,7 +267,7 @@ class HttpTransfer:
                 f"{self.file.filename}: {self.remote.source} states {size} bytes ({label}), "
                 f"but the file is {self.declared} bytes (as the catalog or source metadata says)"
             )
-        raise SourceChanged(f"{label} says {size} bytes, the server said {self.total} before")
+        raise Restart(f"{label} says {size} bytes, the server said {self.total} before")
 
     def _maybe_split(self, seg: Segment, probe: list[float]) -> None:
         """After the probe window, split the rest of a slow single stream over N connections."""
@@ -291,26 +314,42 @@ class HttpTransfer:
                 raise Cancelled()
             try:
                 self._attempt(seg, tries)
-            except (SourceError, SourceChanged, RangesIgnored, Cancelled, IntegrityError):
+            except (SourceError, Restart, Cancelled, IntegrityError):
                 raise
             except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
                 self._stalled(seg, tries, exc)
             except (httpx.TransportError, http.RetryableStatus, ShortBody) as exc:
                 self._failed(seg, tries, exc)
 
+    def _held(self, seg: Segment) -> Held:
+        parts = len(self.ranges)
+        return Held(seg.start, seg.end, seg.done, parts, self.validator, self.total)
+
+    def _offer(self, response: httpx.Response | None = None) -> Offer:
+        """What the server offers: before a request, only what is known of the file."""
+        known = Offer(self.remote.source, sha256=bool(self.sha256), one_stream=self.one_stream)
+        if response is None:
+            return known
+        return replace(known, validator=answer_validator(response), status=response.status_code)
+
     def _attempt(self, seg: Segment, tries: _Tries) -> None:
         """One request for the rest of `seg`, streamed to disk until it ends."""
-        back = overlap(self.sha256, seg.start, seg.done)
-        end = "" if seg.end is None else str(seg.end - 1)
+        plan = decide(self._held(seg), self._offer())
+        if plan.action == "restart":
+            raise Restart(plan.why)
+        seg.lead = b""
         deadline = self.s.connect_timeout + self.s.stall_timeout
-        header = f"bytes={seg.done - back}-{end}"
-        response = http.get_range(self.clients, self.remote, header, deadline)
+        response = http.get_range(self.clients, self.remote, plan.range, deadline)
         try:
-            start, limit = self._check_response(response, seg, back)
-            if seg.finished:
+            verdict = decide(self._held(seg), self._offer(response))
+            if verdict.action == "finished":
+                seg.finish_at(self.total or seg.done)
                 return  # 416 at the end: nothing left to fetch
+            if verdict.action == "restart":
+                raise Restart(verdict.why, one_stream=response.status_code == 416)
+            start, limit = self._check_response(response, seg, plan.offset)
             if self.may_split and seg is self.ranges.first:
-                self._learn_size(response)
+                self._learn_size(response, verdict)
             for _ in self._stream(response, seg, start, limit):
                 tries.progress(seg.done)
             if seg.end is None:
@@ -363,13 +402,10 @@ class HttpTransfer:
             raise Cancelled() from exc
 
     def _check_response(
-        self, response: httpx.Response, seg: Segment, back: int
+        self, response: httpx.Response, seg: Segment, offset: int
     ) -> tuple[int, int | None]:
-        """Accept the answer for `seg` (asked from ``seg.done - back``) or raise. Returns the file
-        offsets where its body starts and which it must not go past (None: unknown)."""
-        if response.status_code == 416 and self.total is not None and seg.done >= self.total:
-            seg.finish_at(self.total)
-            return self.total, self.total
+        """Accept the answer for `seg` (asked from `offset`) or raise. Returns the file offsets
+        where its body starts and which it must not go past (None: unknown)."""
         http.raise_for_status(response, self.remote, self.file.filename)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
@@ -379,13 +415,17 @@ class HttpTransfer:
                 f"{self.file.filename}: {self.remote.source} sent it with Content-Encoding "
                 f"{encoding!r}, not the file's own bytes"
             )
-        known = self.validator
-        self.validator = check_validator(known, response, self.sha256, seg.start, seg.done)
-        if known is None:
-            self.partial.meta["validator"] = self.validator
+        self._record_validator(answer_validator(response))
         if response.status_code == 200:
             return self._whole_answer(response, seg)
-        return self._range_answer(response, seg, back)
+        return self._range_answer(response, seg, offset)
+
+    def _record_validator(self, answer: Validator | None) -> None:
+        """The answer's validator becomes the file's when none is known, or when it is only weak
+        (`decide` has made sure the values agree)."""
+        if answer is not None and (self.validator is None or not answer.strong):
+            self.validator = answer
+            self.partial.meta["validator"] = str(answer)
 
     def _whole_answer(self, response: httpx.Response, seg: Segment) -> tuple[int, int | None]:
         """A 200: the whole file from byte 0, whatever was asked."""
@@ -394,19 +434,16 @@ class HttpTransfer:
             self._agree(length, "Content-Length", seg)
         if seg.done != 0:
             if seg.start != 0 or len(self.ranges) > 1:
-                raise RangesIgnored()
-            # One stream restarted by a server that ignores Range: start the file again.
+                raise Restart("the server ignores Range", one_stream=True)
+            # One stream restarted by a server that ignores Range: this body is the file anew.
             log.info("%s ignored Range; restarting %s from 0", self.url, self.file.filename)
-            self.partial.generation += 1
+            self._forget_bytes()
             seg.rewind(0)
-            self._new_probe()
-            if self.hasher is not None:
-                self.hasher.stop()
-                self.hasher = self._new_hasher()
+            self.hasher = self._new_hasher()
         return 0, length if length is not None else self.total
 
     def _range_answer(
-        self, response: httpx.Response, seg: Segment, back: int
+        self, response: httpx.Response, seg: Segment, offset: int
     ) -> tuple[int, int | None]:
         """A 206: its Content-Range must be the range asked for, of the file's known size."""
         first, last, total = http.content_range(response)
@@ -417,8 +454,8 @@ class HttpTransfer:
             )
         if total is not None:
             self._agree(total, "Content-Range", seg)
-        if first != seg.done - back:
-            message = f"asked for byte {seg.done - back}, server sent from {first}"
+        if first != offset:
+            message = f"asked for byte {offset}, server sent from {first}"
             raise fail(self.remote.source, "http", message, self.url)
         length = http.int_header(response, "content-length")
         if length is not None and length != last - first + 1:
@@ -462,12 +499,17 @@ class HttpTransfer:
 
     def _past_overlap(self, chunk: bytes, pos: int, seg: Segment) -> tuple[bytes, int]:
         """The part of `chunk` (body bytes from file offset `pos`) past what `seg` holds, and its
-        offset; the held part must equal the bytes on disk."""
-        if pos >= seg.done:
+        offset. Bytes before the segment's start are its lead (compared at the end); bytes it
+        holds must equal the disk's, or the server serves another version now."""
+        if pos < seg.start:
+            k = min(len(chunk), seg.start - pos)
+            seg.lead += bytes(chunk[:k])
+            chunk, pos = chunk[k:], pos + k
+        if pos >= seg.done or not chunk:
             return chunk, pos
         k = min(len(chunk), seg.done - pos)
         if os.pread(self.fd, k, pos) != bytes(chunk[:k]):
-            raise SourceChanged(f"the bytes before offset {seg.done} differ on resume")
+            raise Restart(f"the {k} bytes before offset {seg.done} differ on resume")
         return chunk[k:], pos + k
 
     def _check_magic(self, head: bytes, chunk: bytes) -> bytes | None:
@@ -507,7 +549,7 @@ class HttpTransfer:
             self.partial.meta.update(
                 segments=segments,
                 size=self.total,
-                validator=self.validator,
+                validator=None if self.validator is None else str(self.validator),
                 source=self.remote.source,
                 url_host=host_of(self.url),
             )
