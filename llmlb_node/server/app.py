@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import LlmlbError, ModelDownloadError, UnsupportedModelError
 from ..redact import has_secrets, redact
-from . import blob, inference, lb, management, metrics, models, openai, shutdown, ui
+from . import blob, embedding, inference, lb, management, metrics, models, openai, shutdown, ui
 from .errors import GenerationCancelledError, UnauthorizedError, classify
 from .pool import Lease, ModelPool, describe
 from .settings import ServerSettings
@@ -153,8 +153,8 @@ async def _answer(lease: Lease, parsed: openai.ParsedRequest, method: str) -> An
 
 async def _embed(lease: Lease, parsed: openai.ParsedRequest) -> Any:
     await lease.wait()
-    call = functools.partial(inference.embed, lease.llm, parsed.kwargs, parsed.model)
-    return await lease.run(call)
+    inputs, dimensions = parsed.kwargs["input"], parsed.kwargs["dimensions"]
+    return await lease.run(embedding.embed, lease.llm, inputs, dimensions)
 
 
 async def _start_stream(

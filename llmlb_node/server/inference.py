@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..lazy import LazyLlama
+from . import messages
 from .errors import ContextLengthExceededError, InvalidRequestError
 
 
 def call(llm: LazyLlama, method: str, kwargs: dict[str, Any], model_id: str) -> Any:
     """``llm.<method>(**kwargs)`` for a whole answer (chat or text completion)."""
     check_token_ids(llm, kwargs)
+    kwargs = renderable(llm, kwargs)
     try:
         return getattr(llm, method)(model=model_id, **kwargs)
     except ValueError as exc:
@@ -27,6 +29,7 @@ def stream(llm: LazyLlama, method: str, kwargs: dict[str, Any], model_id: str) -
     """``llm.<method>(stream=True, **kwargs)``, chunk by chunk, then the usage chunk: the
     chunk's ``id``, ``object``, ``created`` and ``model`` with ``choices: []`` and ``usage``."""
     check_token_ids(llm, kwargs)
+    kwargs = renderable(llm, kwargs)
     counts = count_tokens(llm.llama)
     last = None
     try:
@@ -102,12 +105,12 @@ def _wrap_generate(llama: Any) -> None:
     llama.generate = counting_generate
 
 
-def embed(llm: LazyLlama, kwargs: dict[str, Any], model_id: str) -> dict[str, Any]:
-    """Embedding vectors (mean-pooled) for a string or a list of strings."""
-    try:
-        return llm.create_embedding(kwargs["input"], model=model_id)  # type: ignore[no-any-return]
-    except ValueError as exc:
-        raise _request_error(exc, kwargs) from exc
+def renderable(llm: LazyLlama, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A chat's messages as the model's chat format renders them (`messages.for_format`)."""
+    if "messages" not in kwargs:
+        return kwargs
+    fmt = messages.ChatFormat.of(llm.llama)
+    return {**kwargs, "messages": messages.for_format(kwargs["messages"], fmt)}
 
 
 def check_token_ids(llm: LazyLlama, kwargs: dict[str, Any]) -> None:

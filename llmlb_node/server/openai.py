@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
+from . import embedding
 from .errors import GenerationCancelledError, InvalidRequestError, RequestTooLargeError
 from .settings import parse_duration
 
@@ -238,18 +239,24 @@ def parse_completion(body: Mapping[str, Any]) -> ParsedRequest:
 
 def parse_embedding(body: Mapping[str, Any]) -> ParsedRequest:
     """Validate an embeddings request (``POST /v1/embeddings``)."""
-    value = _required(body, "input")
-    texts = isinstance(value, list) and value and all(isinstance(s, str) for s in value)
-    if not isinstance(value, str) and not texts:
+    inputs = embedding.inputs_of(_required(body, "input"))
+    if inputs is None:
         raise InvalidRequestError(
-            "'input' must be a string or a non-empty list of strings", "input"
+            "'input' must be a string, a non-empty list of strings, a list of token ids or a "
+            "list of non-empty lists of token ids",
+            "input",
         )
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise InvalidRequestError(
             "'encoding_format' must be 'float' or 'base64'", "encoding_format"
         )
-    parsed = _parsed(body, {"input": value})
+    dimensions = body.get("dimensions")
+    if dimensions is not None and not _integer(1)(dimensions):
+        raise InvalidRequestError(
+            f"'dimensions' must be a whole number >= 1, not {dimensions!r}", "dimensions"
+        )
+    parsed = _parsed(body, {"input": inputs, "dimensions": dimensions})
     return replace(parsed, stream=False, encoding_format=encoding)
 
 
