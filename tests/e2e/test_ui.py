@@ -106,7 +106,7 @@ def test_a_playground_chat_streams_tokens_with_its_ttft_and_rate(
     assert errors == []
 
 
-def test_stop_ends_the_answer_and_the_node_stops_generating(
+def test_stop_ends_the_answer_on_the_node_and_unload_is_refused_until_then(
     node: Node, chromium: object, tmp_path: Path
 ) -> None:
     tab = open_tab(chromium, node.url, tmp_path / "screenshots")
@@ -123,6 +123,9 @@ def test_stop_ends_the_answer_and_the_node_stops_generating(
         return int(page.get_attribute("#play-output", "data-tokens") or 0)
 
     tab.wait_until(lambda: tokens() >= 5, 120, "five tokens")
+    page.click(f"{GEMMA_ROW} button[data-action=unload]")  # refused: a request uses it
+    page.wait_for_selector("#messages li.error")
+    busy = page.inner_text("#messages li.error")
     page.click("#play-stop")
     page.wait_for_selector("#play-stats:has-text('stopped')")
     shown = tokens()
@@ -130,10 +133,15 @@ def test_stop_ends_the_answer_and_the_node_stops_generating(
     node.wait_for(lambda: len(lines.findall(node.log)) > before, 30, "the request's access line")
     generated = int(lines.findall(node.log)[-1])
     node.wait_for(lambda: all(m["active_requests"] == 0 for m in node.get("/api/ps")[2]["models"]))
-    errors = tab.errors()
+    page.click(f"{GEMMA_ROW} button[data-action=unload]")
+    page.wait_for_selector(f"#messages li.info:has-text('{GEMMA_ID}: unloaded.')")
+    page.wait_for_selector("#slots:has-text('Nothing loaded.')")
+    errors = tab.errors(http_statuses=(409,))
 
     assert 5 <= shown < 400
     assert generated < 400  # the node stopped at the disconnect, not at max_tokens
+    assert "409 model_in_use" in busy
+    assert node.loaded() == set()
     assert errors == []
 
 
