@@ -117,5 +117,9 @@ def downloads(pool: ModelPool) -> list[dict[str, Any]]:
     """/v0/downloads' rows: the status of each download this node runs now, oldest first, with
     the failures of the sources it tried before the one in use."""
     resolver = pool.resolver
-    rows = [resolver.status(event.model_id) for event in resolver.activity().running]
-    return [status.to_dict() for status in rows]  # type: ignore[union-attr]
+    rows = []
+    for event in resolver.activity().running:
+        entry = resolver.catalog.find(event.model_id)
+        status = resolver.status(event.model_id)
+        rows.append(status_body(status, entry and entry.total_size))  # type: ignore[arg-type]
+    return rows

@@ -81,7 +81,8 @@ def test_downloads_shows_a_live_download_with_the_sources_that_failed_before(
         pull.join(60)
         after = node.get("/v0/downloads")[2]
 
-    assert live is not None and live["model_id"] == MODEL_ID and live["status"] == "downloading"
+    assert live is not None and live["model_id"] == MODEL_ID
+    assert live["status"] == live["stage"] == "downloading"
     assert live["total_bytes"] == SIZE and 0 < live["downloaded_bytes"] < SIZE
     assert live["source"] == f"huggingface:{REPO}" and live["bytes_per_s"] > 0
     assert [(f["source"], f["kind"]) for f in live["failures"]] == [("url:127.0.0.1", "refused")]

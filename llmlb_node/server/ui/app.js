@@ -288,7 +288,7 @@ function downloadView(d) {
   const left = total ? total - d.downloaded_bytes : null;
   return {
     id: d.model_id,
-    status: d.state_detail || d.detail || d.status,
+    status: d.stage || d.status, // the finer state: waiting, downloading, verifying...
     source: d.source,
     done: d.downloaded_bytes || 0,
     total,
