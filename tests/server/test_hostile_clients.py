@@ -334,3 +334,15 @@ def test_a_keep_alive_past_any_clock_is_forever_and_api_ps_still_answers(
     assert answer[0] == 500 and answer[2]["error"]["code"] == "model_load_failed"  # tiny
     assert ps[0] == 200, ps
     assert [row["expires_at"] for row in ps[2]["models"]] == [None]  # kept forever
+
+
+def test_a_keep_alive_timer_cancelled_by_the_next_request_leaves_no_warning(world: World) -> None:
+    """Each timer held a coroutine made when it was set: cancelled, it was never awaited."""
+    with running_node(KEEP_ALIVE="1s") as node:
+        one = {"model": MODEL_ID, "prompt": "x", "max_tokens": 1}
+        answers = [node.post("/v1/completions", one)[0] for _ in range(3)]  # each cancels one
+        time.sleep(2.5)  # past every timer: the loop drops the cancelled ones
+        log = node.log
+
+    assert answers == [500, 500, 500]  # tiny cannot load; its keep-alive timer runs all the same
+    assert "never awaited" not in log and "Traceback" not in log
