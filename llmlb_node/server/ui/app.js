@@ -1,6 +1,7 @@
-// llmlb-node's operator page. It polls the node's JSON routes, one round in flight at a time
-// (the next is scheduled when the last ends, and none while the tab is hidden), drives the
-// management routes, and streams the playground's answers. No build step, no dependencies.
+// llmlb-node's operator page. It polls the node's JSON routes with one request in flight at a
+// time (a round's requests one after the other, the next round scheduled when the last ends, none
+// while the tab is hidden), drives the management routes, and streams the playground's answers.
+// No build step, no dependencies.
 "use strict";
 
 const KEY_ITEM = "llmlb-node-api-key";
@@ -199,16 +200,12 @@ async function round() {
 }
 
 async function fetchRound() {
-  const catalog = state.catalogDue;
-  const results = await Promise.allSettled([
-    api("/v0/downloads"),
-    api("/api/ps"),
-    api("/api/health", { accept: [503] }), // offline (shutting down) still has a body
-    catalog ? fetchCatalog() : Promise.resolve(null),
-  ]);
-  const failed = results.find((r) => r.status === "rejected");
-  if (failed) throw failed.reason;
-  const [downloads, ps, health, models] = results.map((r) => r.value);
+  // One after the other: the page holds one connection for polling, whatever else it runs
+  // (a browser opens at most 6 to a host; pulls and the playground hold theirs for long).
+  const downloads = await api("/v0/downloads");
+  const ps = await api("/api/ps");
+  const health = await api("/api/health", { accept: [503] }); // offline still has a body
+  const models = state.catalogDue ? await fetchCatalog() : null;
   const before = downloadIds();
   state.downloads = downloads.downloads || [];
   state.slots = ps.models || [];
@@ -224,9 +221,10 @@ function downloadIds() {
 }
 
 async function fetchCatalog() {
-  const [supported, tags] = await Promise.all([api("/v0/supported-models"), api("/api/tags")]);
+  const supported = await api("/v0/supported-models");
+  const tags = await api("/api/tags");
   const installed = new Map((tags.models || []).map((m) => [m.id || m.name, m]));
-  await Promise.all([...installed.keys()].filter((id) => !state.architectures.has(id)).map(fetchArchitecture));
+  for (const id of installed.keys()) if (!state.architectures.has(id)) await fetchArchitecture(id);
   for (const id of state.architectures.keys()) if (!installed.has(id)) state.architectures.delete(id);
   const rows = (supported.models || []).map((m) => catalogRow(m, installed.get(m.id)));
   const known = new Set(rows.map((r) => r.id));
