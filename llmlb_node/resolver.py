@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +74,10 @@ class Filling:
     states it before the transfer; never the catalog's approximate size."""
     sha256: str | None
     """The sha256 the finished file must have (the catalog's, else the source's)."""
+    proven: threading.Event = field(default_factory=threading.Event, compare=False)
+    """Set once the finished file passed every check (sizes, sha256, GGUF layout): until then a
+    reader serving it to another node holds back its last byte, so a file that fails them never
+    reaches anyone whole."""
 
     @property
     def size(self) -> int | None:
@@ -709,6 +713,7 @@ class ModelResolver:
                     filling = Filling(partial, exact, f.sha256 or remote.sha256)
                     with _filling(self._cache_key[0], entry.id, f.filename, filling):
                         ready[f.filename] = downloader.fetch(remote, partial, f, monitor.bytes)
+                        filling.proven.set()
                     monitor.file_done(ready[f.filename].size)
             except SourceError as exc:
                 # INFO: the next source may well succeed. If none does, ModelDownloadError
@@ -744,6 +749,7 @@ class ModelResolver:
                         ],
                         source.label,
                         order=[f.filename for f in entry.files],
+                        revision=source.pinned,
                     )
                 except FileNotFoundError as exc:  # removed by hand before the rename
                     message = f"downloaded files were removed before install ({exc.filename})"

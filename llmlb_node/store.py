@@ -55,6 +55,8 @@ class InstallRecord:
     files: tuple[InstalledFile, ...]
     source: str
     installed_at: float
+    revision: str | None = None
+    """The commit every file came from, when the source pinned one (the Hub's X-Repo-Commit)."""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -75,7 +77,11 @@ class InstallRecord:
         source, installed_at = data.get("source", "unknown"), data.get("installed_at", 0.0)
         if not isinstance(source, str) or not is_number(installed_at):
             raise ValueError(f"source {source!r} or installed_at {installed_at!r}")
-        return cls(data["model_id"], tuple(_installed_file(f) for f in files), source, installed_at)
+        revision = data.get("revision")
+        if not (revision is None or isinstance(revision, str)):
+            raise ValueError(f"revision is {revision!r}")
+        files_ = tuple(_installed_file(f) for f in files)
+        return cls(data["model_id"], files_, source, installed_at, revision)
 
 
 def _installed_file(data: dict[str, Any]) -> InstalledFile:
@@ -349,6 +355,7 @@ class ModelStore:
         files: Sequence[tuple[Path, str, int, str | None]],
         source: str,
         order: Sequence[str] = (),
+        revision: str | None = None,
     ) -> InstallRecord:
         """Move verified temporary files into place and record them.
 
@@ -375,6 +382,7 @@ class ModelStore:
             files=tuple(sorted(all_files, key=lambda f: rank.get(f.filename, len(rank)))),
             source=source,
             installed_at=time.time(),
+            revision=revision,
         )
         self._write_record(record)
         for tmp, filename, _, _ in files:

@@ -95,10 +95,12 @@ def build_gguf(
     tensors: list[tuple[str, int, int, int]],
     data: int,
     alignment: int = 32,
+    vocab: int = 0,
 ) -> bytes:
     """Any GGUF layout, well formed or not: `metadata` values are strings, u32s or (GGUF type,
     int) pairs; `tensors` are (name, elements, ggml type, offset) as the header will state them,
-    true or not; then `data` zero bytes after the header padded to `alignment`."""
+    true or not; then `data` zero bytes after the header padded to `alignment`. `vocab` adds a
+    ``tokenizer.ggml.tokens`` array of that many one-byte strings (a header slow to parse)."""
 
     def s(text: str) -> bytes:
         return struct.pack("<Q", len(text.encode())) + text.encode()
@@ -110,8 +112,27 @@ def build_gguf(
         else:
             kind, number = value if isinstance(value, tuple) else (4, value)
             pairs.append(s(key) + struct.pack("<I", kind) + struct.pack(_KV_FORMATS[kind], number))
+    if vocab:
+        tokens = struct.pack("<Q", 1) + b"t"
+        pairs.append(s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, vocab) + tokens * vocab)
     infos = [s(n) + struct.pack("<IQIQ", 1, count, kind, at) for n, count, kind, at in tensors]
     head = GGUF_MAGIC + struct.pack("<IQQ", 3, len(infos), len(pairs))
     head += b"".join(pairs) + b"".join(infos)
     head += b"\0" * (-len(head) % alignment)
     return head + bytes(data)
+
+
+def make_shard(
+    no: int, count: int, *, total: int | None = None, arch: str = "llama", name: str = "v1"
+) -> bytes:
+    """Shard `no` (0-based, as `split.no` counts) of a `count`-way split GGUF, as llama.cpp's
+    gguf-split writes it: one 50,000-byte I8 tensor per shard, `split.tensors.count` = `total`
+    (default `count`). `name` (general.name) tells versions of the same shard apart."""
+    meta: dict[str, str | int | tuple[int, int]] = {
+        "general.architecture": arch,
+        "general.name": name,
+        "split.no": (2, no),  # uint16, as llama.cpp writes them
+        "split.count": (2, count),
+        "split.tensors.count": (5, count if total is None else total),  # int32
+    }
+    return build_gguf(meta, [(f"blk.{no}.weight", 50_000, 24, 0)], data=50_000)

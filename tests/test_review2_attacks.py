@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gguf import build_gguf, make_gguf, sha256_hex
+from gguf import build_gguf, make_gguf, make_shard, sha256_hex
 from servers import RecordedRequest, Reply, ScriptedServer, honest_reply, refused_url
 from test_lying_servers import LLMLB_NODE, _as_url, _nothing_installed, cli
 from world import FILENAME, MODEL_ID, SIZE, World
@@ -32,6 +32,96 @@ def serve() -> Iterator[Callable[[Callable[[RecordedRequest], Reply]], ScriptedS
     yield start
     for server in started:
         server.close()
+
+
+# -- 2. a revision that moves mid-download --------------------------------------------------------
+SHARDS = ("m-00001-of-00002.gguf", "m-00002-of-00002.gguf")
+
+
+def _split_on_hub(world: World, lfs: bool = True) -> tuple[str, dict[str, bytes]]:
+    """A 2-shard model on the Hub only, without sha256s in the catalog (as llmlb's entries are):
+    only the revision can keep its shards together. Returns the repo and the shards' bytes."""
+    shards = {name: make_shard(i, 2) for i, name in enumerate(SHARDS)}
+    repo = "test-org/split-GGUF"
+    entry = world.add_model("split", shards, repo=repo, on_proxy=False)
+    for name, data in shards.items():
+        world.hub.add_file(repo, name, data, lfs=lfs)
+    entry["files"] = [{"filename": name} for name in SHARDS]
+    world.write_catalog()
+    world.monkeypatch.delenv("LLMLB_URL")
+    return repo, shards
+
+
+def _move_when(world: World, repo: str, filename: str, happens: Callable[[Any], bool]):
+    """A progress callback that moves `main` (new bytes for `filename`) the first time
+    `happens(event)`: the Hub changes while the model downloads."""
+    moved: list[str] = []
+
+    def progress(event: Any) -> None:
+        if not moved and happens(event):
+            world.hub.change_content(
+                make_shard(SHARDS.index(filename), 2, name="v2"), repo, filename
+            )
+            moved.append(world.hub.commit_of(repo))
+
+    return progress, moved
+
+
+def test_a_branch_moving_between_shards_never_mixes_two_commits(world: World) -> None:
+    repo, shards = _split_on_hub(world)
+    commit_a = world.hub.commit_of(repo)
+    progress, moved = _move_when(world, repo, SHARDS[1], lambda e: e.filename == SHARDS[1])
+
+    resolved = world.resolver().resolve("split", progress=progress)
+
+    assert moved and moved[0] != commit_a  # main moved before shard 2 was asked for
+    for path, name in zip(resolved.paths, SHARDS, strict=True):
+        assert path.read_bytes() == shards[name]  # both shards from commit A
+    heads = [r for r in world.hub.requests if r.method == "HEAD"]
+    assert f"/resolve/{commit_a}/{SHARDS[1]}" in heads[-1].path  # asked by commit, not `main`
+    record = json.loads((world.models_dir / ".llmlb" / "split" / "install.json").read_text())
+    assert record["revision"] == commit_a
+
+
+def test_a_resume_after_the_branch_moved_asks_for_the_pinned_commit(world: World) -> None:
+    # Files the Hub serves itself (no LFS, no CDN): a resume goes back to /resolve/...
+    repo, shards = _split_on_hub(world, lfs=False)
+    commit_a = world.hub.commit_of(repo)
+    world.hub.drop_after(20_000)  # the first body breaks: the file is resumed
+    progress, moved = _move_when(world, repo, SHARDS[0], lambda e: e.downloaded > 0)
+
+    resolved = world.resolver().resolve("split", progress=progress)
+
+    assert moved
+    assert resolved.paths[0].read_bytes() == shards[SHARDS[0]]
+    gets = [r for r in world.hub.requests if r.method == "GET"]
+    assert len(gets) >= 3 and all(f"/resolve/{commit_a}/" in r.path for r in gets[1:])
+
+
+def test_a_hub_answering_another_commit_than_the_pinned_one_fails_the_source(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    content = make_gguf(40_000, seed=5)
+    answers = iter(["a" * 40, "b" * 40])
+
+    def hub(rec: RecordedRequest) -> Reply:
+        reply = honest_reply(content, rec, etag=f'"{sha256_hex(content)}"')
+        if rec.method == "HEAD":
+            reply.headers["X-Repo-Commit"] = next(answers)
+        return reply
+
+    liar = serve(hub)
+    world.monkeypatch.setenv("HF_ENDPOINT", liar.url)
+    world.monkeypatch.delenv("LLMLB_URL")
+    entry = world.add_model("two", {"a.gguf": content, "b.gguf": content}, on_hub=False)
+    entry["files"] = [{"filename": "a.gguf"}, {"filename": "b.gguf"}]
+    world.write_catalog()
+
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve("two")
+    failure = info.value.failures[0]
+    assert failure.kind == "integrity" and "not mixing two commits" in failure.message
+    assert _nothing_installed(world, "two")
 
 
 # -- 3. a layout ggml will refuse ----------------------------------------------------------------
@@ -149,6 +239,65 @@ def test_both_catalogs_agreeing_share_the_install(world: World) -> None:
     assert cli("pull", MODEL_ID).returncode == 0
     assert cli("path", MODEL_ID).returncode == 0
     assert world.requests() == before
+
+
+# -- 7. pull-through of bytes not yet verified ----------------------------------------------------
+def test_a_node_whose_etag_disagrees_with_its_bytes_is_never_installed_downstream(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    # An upstream node sends the sha256 it expects as its ETag and bytes that do not hash to
+    # it (it had not verified them yet); the catalog here knows no sha256 of its own.
+    sent, expected = make_gguf(200_000, seed=71), make_gguf(200_000, seed=72)
+    node = serve(lambda rec: honest_reply(sent, rec, etag=f'"{sha256_hex(expected)}"'))
+    world.monkeypatch.setenv("LLMLB_URL", node.url)
+    world.monkeypatch.setenv("LLMLB_API_KEY", "test-key")
+    world.hub.refuse()
+
+    with pytest.raises(ModelDownloadError) as info:
+        world.resolver().resolve(MODEL_ID)
+    failure = next(f for f in info.value.failures if f.source == "llmlb-proxy")
+    assert failure.kind == "integrity" and sha256_hex(expected) in failure.message
+    assert not world.installed_path().exists()
+
+
+def test_a_node_whose_etag_matches_its_bytes_installs_downstream(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    content = make_gguf(200_000, seed=73)
+    node = serve(lambda rec: honest_reply(content, rec, etag=f'"{sha256_hex(content)}"'))
+    world.monkeypatch.setenv("LLMLB_URL", node.url)
+    world.hub.refuse()
+    assert world.resolver().resolve(MODEL_ID).path.read_bytes() == content
+
+
+def test_an_upstream_download_failing_verification_ends_every_open_body_short(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    from node import running_node
+
+    # Node A pulls a GGUF that is truncated (its one tensor declares 4096 bytes more than the
+    # file holds) and serves it to two readers while it arrives. Its header is slow to parse
+    # (1.4M vocabulary strings), so every byte is hashed well before the check fails: neither
+    # reader may ever hold the whole body.
+    content = build_gguf({}, [("w", 1 << 20, 24, 0)], data=(1 << 20) - 4096, vocab=1_400_000)
+    size = len(content)
+    source = serve(lambda rec: Reply(**{**vars(honest_reply(content, rec)), "rate": 4 << 20}))
+    _as_url(world, source, "cut", "cut.gguf")
+    world.proxy.refuse()
+    key = {"Authorization": "Bearer node-key"}
+    got = [bytearray(), bytearray()]
+    with running_node(api_key="node-key") as a, httpx.Client(base_url=a.url, timeout=60) as c:
+        with (
+            c.stream("GET", "/v0/models/blob/cut", headers=key) as one,
+            c.stream("GET", "/v0/models/blob/cut", headers=key) as two,
+        ):
+            for response, into in ((one, got[0]), (two, got[1])):
+                with pytest.raises(httpx.RemoteProtocolError):  # ended short
+                    for chunk in response.iter_bytes():
+                        into += chunk
+        a.wait_for(lambda: a.get("/v0/models/cut/status")[2]["status"] == "error")
+    for body in got:
+        assert 0 < len(body) < size and bytes(body) == content[: len(body)]
 
 
 # -- 9. secrets ----------------------------------------------------------------------------------

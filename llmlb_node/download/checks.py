@@ -58,6 +58,15 @@ def verify_fetched(
             raise IntegrityError(f"{exc} (from {remote.source})") from None
 
 
+def etag_sha256(remote: Remote, file: ModelFile, etag: str | None, digest: str) -> None:
+    """Raise `IntegrityError` unless the bytes hash to the sha256 the server's ETag states."""
+    if etag and len(etag) == 64 and etag != digest:
+        raise IntegrityError(
+            f"{file.filename}: sha256 {digest} does not match {etag}, the ETag {remote.source} "
+            "sent: it served bytes it had not verified"
+        )
+
+
 def verify_gguf(
     path: str | os.PathLike[str], filename: str, header: GGUFHeader | None = None
 ) -> GGUFHeader:

@@ -99,6 +99,8 @@ class Downloader:
             transfer = HttpTransfer(self, remote, partial, file, progress)
             size, digest = transfer.run()
             header = transfer.probe.result()
+            if remote.etag_is_sha256:
+                checks.etag_sha256(remote, file, transfer.validator, digest)
         checks.verify_fetched(remote, partial.path, file, size, digest, header)
         return size, digest
 

@@ -295,7 +295,13 @@ class _Follower:
             self.close()
 
     def _ready(self) -> int:
-        return 1 << 62 if self.filling is None else self.filling.verified
+        """Bytes that may be sent: hashed in order, and never the last one before the whole
+        file is proven (a download failing its checks then ends every body short)."""
+        if self.filling is None:
+            return 1 << 62
+        if self.filling.proven.is_set():
+            return self.filling.verified
+        return min(self.filling.verified, self.size - 1)
 
     def _check_same(self) -> None:
         """End the response short (the client resumes and checks what it holds) rather than
@@ -306,8 +312,9 @@ class _Follower:
     async def _wait_for_more(self, pos: int) -> None:
         if self.task.done():
             self.task.result()  # the download failed: end this response short
-            if self.filling is not None and self.filling.verified <= pos:
-                await self._switch_to_installed()
+            filling = self.filling
+            if filling is not None and (filling.verified <= pos or not filling.proven.is_set()):
+                await self._switch_to_installed()  # proven by its install, if it is that file
             return
         self._check_same()
         now = self.resolver.filling(self.model_id, self.filename)

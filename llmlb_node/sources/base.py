@@ -39,12 +39,18 @@ class Remote:
     """For local sources: files whose concatenation is the file."""
     ranges: bool = True
     """Whether the source is expected to honour Range (False skips parallel ranged download)."""
+    etag_is_sha256: bool = False
+    """The server's ETag states the file's sha256 (llmlb's blob endpoint): the bytes must hash
+    to it, as to any sha256 known up front."""
 
 
 class Source(ABC):
     """One external source of model files (Hugging Face, a URL, installed packages, the proxy)."""
 
     label: str = "source"
+    pinned: str | None = None
+    """The revision (a commit) every file of this source came from, once the source knows it:
+    the install record keeps it."""
 
     @abstractmethod
     def locate(self, entry: ModelEntry, file: ModelFile) -> Remote:

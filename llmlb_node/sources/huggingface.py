@@ -25,32 +25,32 @@ from .http_errors import describe_exception
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 _RETRYABLE = {408, 429, 500, 502, 503, 504}
 _REDIRECTS = {301, 302, 303, 307, 308}
 _MAX_REDIRECTS = 10
 
 
 class HuggingFaceSource(Source):
-    """Files of one Hub repo at one revision (``{"type": "huggingface", "repo": ...}``)."""
+    """Files of one Hub repo at one revision (``{"type": "huggingface", "repo": ...}``).
+
+    The first answer's ``X-Repo-Commit`` pins the revision: every later request of this source
+    (the other files or shards, a resume of any of them) names that commit, so a branch that
+    moves mid-download cannot mix two commits in one install.
+    """
 
     def __init__(self, settings: Settings, repo: str, revision: str = "main") -> None:
         self.settings = settings
         self.repo = repo
         self.revision = revision
+        self.pinned: str | None = None
         self.label = f"huggingface:{repo}"
 
     def locate(self, entry: ModelEntry, file: ModelFile) -> Remote:
         settings = self.settings
         if settings.hf_offline:
             raise fail(self.label, "offline", "HF_HUB_OFFLINE is set: the Hub is not contacted")
-        from huggingface_hub import hf_hub_url
-
-        try:
-            url = hf_hub_url(
-                self.repo, file.filename, revision=self.revision, endpoint=settings.hf_endpoint
-            )
-        except ValueError as exc:  # HFValidationError: not a repo id the Hub accepts
-            raise CatalogError(f"model {entry.id!r}: {exc}") from exc
+        url = self._url(entry, file, self.pinned or self.revision)
         check_origin(self.label, url, settings.origin_allowlist)
         token = self._token() if may_carry_secret(url, settings.hf_endpoint) else None
         meta = self._metadata(url, token)
@@ -65,7 +65,7 @@ class HuggingFaceSource(Source):
                 url,
             )
 
-        location = meta.location or url
+        location = self._pin(entry, file, meta, url)
         etag = (meta.etag or "").lower()
         sha256 = etag if _SHA256.fullmatch(etag) else None
         if file.sha256 and sha256 and file.sha256 != sha256:
@@ -73,7 +73,7 @@ class HuggingFaceSource(Source):
                 self.label,
                 "integrity",
                 f"the Hub reports sha256 {sha256} for {file.filename} at revision "
-                f"{self.revision}, the catalog expects {file.sha256}",
+                f"{self.pinned or self.revision}, the catalog expects {file.sha256}",
                 url,
             )
         return Remote(
@@ -86,6 +86,34 @@ class HuggingFaceSource(Source):
             sha256=sha256,
             validator=etag or meta.commit_hash,
         )
+
+    def _url(self, entry: ModelEntry, file: ModelFile, revision: str) -> str:
+        from huggingface_hub import hf_hub_url
+
+        try:
+            return hf_hub_url(
+                self.repo, file.filename, revision=revision, endpoint=self.settings.hf_endpoint
+            )
+        except ValueError as exc:  # HFValidationError: not a repo id the Hub accepts
+            raise CatalogError(f"model {entry.id!r}: {exc}") from exc
+
+    def _pin(self, entry: ModelEntry, file: ModelFile, meta: _FileMetadata, url: str) -> str:
+        """Pin the revision to the first answer's commit; the URL the bytes come from, at it."""
+        commit = meta.commit_hash
+        if self.pinned is not None and commit is not None and commit != self.pinned:
+            raise fail(
+                self.label,
+                "integrity",
+                f"asked for {file.filename} at commit {self.pinned}, the Hub answered for "
+                f"commit {commit}: not mixing two commits in one install",
+                url,
+            )
+        if self.pinned is None and commit is not None and _COMMIT.fullmatch(commit):
+            self.pinned = commit
+            if Origin.of(meta.location) == Origin.of(url):  # the Hub itself serves the bytes:
+                # a resume of them must name the commit too (a CDN URL names the content)
+                return self._url(entry, file, commit)
+        return meta.location or url
 
     def _token(self) -> str | None:
         if self.settings.hf_token:

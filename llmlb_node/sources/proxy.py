@@ -40,6 +40,9 @@ class ProxySource(Source):
             auth_origin=base if auth else None,
             size=file.size_bytes,
             sha256=file.sha256,
+            # A node serving a file while it arrives sends the sha256 it expects as its ETag:
+            # what it sent is proven only if it hashes to that here.
+            etag_is_sha256=True,
         )
 
     def _authorization(self) -> str | None:
