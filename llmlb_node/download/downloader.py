@@ -100,7 +100,8 @@ class Downloader:
             size, digest = transfer.run()
             header = transfer.probe.result()
             if remote.etag_is_sha256:
-                checks.etag_sha256(remote, file, transfer.validator, digest)
+                stated = transfer.validator
+                checks.etag_sha256(remote, file, stated and stated.value, digest)
         checks.verify_fetched(remote, partial.path, file, size, digest, header)
         return size, digest
 
