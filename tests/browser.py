@@ -61,12 +61,15 @@ class Tab:
         self.page.screenshot(path=str(path), full_page=full_page)
         return path
 
-    def errors(self, http_statuses: tuple[int, ...] = ()) -> list[str]:
-        """Uncaught exceptions and console errors, but HTTP answers with one of `http_statuses`."""
+    def errors(self, http_statuses: tuple[int, ...] = (), refused: bool = False) -> list[str]:
+        """Uncaught exceptions and console errors, but HTTP answers with one of `http_statuses`
+        (and refused connections, when `refused`)."""
         found = list(self.page_errors)
         for kind, text in self.console:
             status = _HTTP_ERROR.match(text)
-            if kind == "error" and not (status and int(status.group(1)) in http_statuses):
+            allowed = status is not None and int(status.group(1)) in http_statuses
+            allowed |= refused and text.endswith("net::ERR_CONNECTION_REFUSED")
+            if kind == "error" and not allowed:
                 found.append(text)
         return found
 

@@ -107,6 +107,7 @@ def test_a_wrong_key_is_an_error_on_the_page_and_the_right_key_shows_the_models(
         page.click("#auth button[type=submit]")
         page.wait_for_selector(f"tr[data-model={MODEL_ID}]")
         page.wait_for_selector("#auth", state="hidden")
+        page.wait_for_selector("#health-badge[data-status=online]")
         kept = page.evaluate("() => sessionStorage.getItem('llmlb-node-api-key')")
         page.reload()
         page.wait_for_selector(f"tr[data-model={MODEL_ID}]")
@@ -168,3 +169,17 @@ def test_a_hidden_tab_sends_no_request_until_it_is_shown_again(
 
 def _polls(node: object) -> int:
     return node.log.count("GET /api/ps ")  # type: ignore[attr-defined]
+
+
+def test_a_node_that_stops_answering_is_unreachable_on_the_page(
+    world: World, chromium: object, tmp_path: Path
+) -> None:
+    with running_node() as node:
+        tab = open_tab(chromium, f"{node.url}/?poll=200", tmp_path / "screenshots")
+        tab.page.wait_for_selector("#health-badge[data-status=online]")
+        node.stop()
+        tab.page.wait_for_selector("#health-badge:has-text('unreachable')", timeout=15_000)
+        tab.shot("unreachable")
+        errors = tab.errors(refused=True)
+
+    assert errors == []

@@ -123,6 +123,7 @@ function needKey(err) {
   $("auth-error").textContent = had ? `The node refused this key (${describeError(err)}).` : "";
   $("forget-key").hidden = true;
   setBadge("error", "API key needed");
+  state.shown.delete("health"); // the next answer re-draws the badge, even if unchanged
   if (!had) $("auth-key").focus();
 }
 
@@ -182,21 +183,26 @@ async function round() {
   if (waitingForKey || document.hidden) return; // resumed by the key form or visibilitychange
   state.busy = true;
   let delay = POLL_MS;
+  let fetched = false;
   try {
     await fetchRound();
-    keyAccepted();
-    render();
+    fetched = true;
   } catch (err) {
-    if (!(err instanceof ApiError && err.status === 401)) {
-      setBadge("error", "unreachable");
-      $("health").title = describeError(err);
-      delay = OFFLINE_POLL_MS;
-    }
+    unreachable(err);
+    delay = OFFLINE_POLL_MS;
   } finally {
     state.busy = false;
     if (state.again) { state.again = false; delay = 0; }
     schedule(delay);
   }
+  if (fetched) { keyAccepted(); render(); } // outside the try: a bug here is an uncaught error
+}
+
+function unreachable(err) {
+  if (err instanceof ApiError && err.status === 401) return; // needKey() has said so
+  setBadge("error", "unreachable");
+  state.shown.delete("health");
+  $("health").title = describeError(err);
 }
 
 async function fetchRound() {
