@@ -616,15 +616,19 @@ class ModelResolver:
         """Take the model's cross-process lock, or return the record another process installed.
 
         A waiter only reads the holder's status file (it never writes it). Returns None (go on
-        without the lock) only when the holder is gone: its pid is dead on this host, or its
-        heartbeat has not moved for several stall windows. Correctness never depends on the
-        lock: every writer has its own temporary file and publishes with an atomic rename.
+        without the lock) only when the holder is gone: its pid is dead on this host, or (on
+        another host) its heartbeat has not moved for several stall windows. A holder alive on
+        this host is never taken over, whatever its heartbeat says (a SIGSTOPped one would go on
+        writing when continued): after a stale window without its progress the waiter gives up
+        with `ModelBusyError`. Correctness never depends on the lock: every writer has its own
+        temporary file and publishes with an atomic rename.
         """
         from filelock import Timeout
 
         lock = self._model_lock(entry.id)
         stale_after = self._stale_after()
         waiting_since = time.monotonic()
+        watch = _Holder(entry.id, stale_after)
         announced = False
         while True:
             try:
@@ -645,9 +649,10 @@ class ModelResolver:
                 monitor.stage("waiting", message=f"{holder} is downloading it")
             # The grace covers a new holder that has not written its first status yet.
             grace_over = time.monotonic() - waiting_since > min(stale_after, 1.0)
+            watch.observe(data, monitor, self.settings.stall_timeout)
             if data is not None:
                 other = event_from_status(data)
-                if other.stage in ("downloading", "verifying"):
+                if other.stage in ("downloading", "verifying") and not watch.quiet:
                     monitor.relay(other)
                 why = _holder_gone(data, stale_after)
                 if why is not None and grace_over:
@@ -659,13 +664,9 @@ class ModelResolver:
                         why,
                     )
                     return None
-            elif time.monotonic() - waiting_since > stale_after:
-                log.warning(
-                    "%s: lock held for %.0fs with no status; taking over",
-                    entry.id,
-                    time.monotonic() - waiting_since,
-                )
-                return None
+            # The lock is held, so its holder lives (the kernel drops a dead one's lock): wait
+            # for it, up to this waiter's own deadline.
+            watch.check_deadline()
 
     def _stale_after(self) -> float:
         return self.settings.stall_timeout * (self.settings.max_stalls + 1)
@@ -942,11 +943,57 @@ def _others_status(data: dict[str, Any] | None) -> dict[str, Any] | None:
     return data
 
 
+class _Holder:
+    """What a waiter sees of the lock's holder: who it is and when it last made progress (a
+    change in its status: stage, file, bytes). The waiter's deadline is one stale window of no
+    progress: then it gives up, typed, rather than take over a holder that may be alive."""
+
+    def __init__(self, model_id: str, stale_after: float) -> None:
+        self.model_id = model_id
+        self.stale_after = stale_after
+        self.who = "another process"
+        self.seen: tuple[Any, ...] | None = None
+        self.changed_at = time.monotonic()
+        self.quiet = False
+        self.reported = -1
+
+    def observe(self, data: dict[str, Any] | None, monitor: Monitor, report_after: float) -> None:
+        if data is not None:
+            self.who = f"pid {data.get('pid')}" + (
+                "" if data.get("host") == hostname() else f" on {data.get('host')}"
+            )
+            keys = ("pid", "host", "stage", "filename", "downloaded", "source")
+            seen = tuple(data.get(k) for k in keys)
+            if seen != self.seen:
+                self.seen, self.changed_at, self.quiet = seen, time.monotonic(), False
+        idle = time.monotonic() - self.changed_at
+        if idle >= report_after and int(idle) != self.reported:
+            if not self.quiet:
+                log.info("%s: waiting: %s", self.model_id, self.waiting(idle))
+            self.quiet, self.reported = True, int(idle)
+            monitor.stage("waiting", message=self.waiting(idle))
+
+    def waiting(self, idle: float) -> str:
+        return f"held by {self.who}, no progress for {idle:.0f} s"
+
+    def check_deadline(self) -> None:
+        idle = time.monotonic() - self.changed_at
+        if idle > self.stale_after:
+            raise ModelBusyError(
+                f"model {self.model_id!r}: its download is {self.waiting(idle)}; a live holder "
+                f"is never taken over (stopped? `kill -CONT` resumes it, or end it), so this "
+                f"waiter gives up after {self.stale_after:.0f} s; run the command again later"
+            )
+
+
 def _holder_gone(data: dict[str, Any], stale_after: float) -> str | None:
-    """Why the status file's writer cannot be holding the lock any more, or None if it may."""
+    """Why the status file's writer cannot be holding the lock any more, or None if it may.
+
+    On this host only a dead pid is gone: a live one (even SIGSTOPped, its heartbeat stale)
+    would go on writing when continued. Another host's holder is gone when its heartbeat is."""
     pid = data.get("pid")
-    if data.get("host") == hostname() and isinstance(pid, int) and not pid_alive(pid):
-        return "has exited"
+    if data.get("host") == hostname() and isinstance(pid, int):
+        return None if pid_alive(pid) else "has exited"
     quiet = time.time() - (data.get("updated_at") or 0)
     if quiet > stale_after:
         return f"has not written a heartbeat for {quiet:.0f}s"

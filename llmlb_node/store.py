@@ -320,9 +320,7 @@ class ModelStore:
         candidates.sort(key=lambda c: c[0], reverse=True)
         fresh = self.new_partial(model_id, filename)
         for _, path, meta_path, meta in candidates:
-            try:
-                os.replace(path, fresh.path)
-            except FileNotFoundError:
+            if not _take_over(path, fresh.path, meta):
                 continue  # another process claimed it first
             with contextlib.suppress(FileNotFoundError):
                 meta_path.unlink()
@@ -513,12 +511,31 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def _owned_by_live_writer(meta: dict[str, Any], stale_after: float) -> bool:
+    """Whether another process may still write into the partial: on this host, while its pid
+    lives, whatever its heartbeat (a SIGSTOPped writer goes on when continued); on another
+    host, while its heartbeat is fresh."""
     pid, host, updated = meta.get("pid"), meta.get("host"), meta.get("updated_at") or 0
-    if not pid or pid == os.getpid():
+    if not pid or (pid == os.getpid() and host == hostname()):
         return False
-    if host == hostname() and not pid_alive(pid):
-        return False
+    if host == hostname():
+        return pid_alive(pid)
     return time.time() - updated < stale_after
+
+
+def _take_over(path: Path, into: Path, meta: dict[str, Any]) -> bool:
+    """Put an unowned partial's bytes under our own name; False if another claimed it first.
+
+    Renamed when its writer was of this host (provably gone); copied when it was another
+    host's, which may live on and write into the file it holds: never into ours."""
+    try:
+        if meta.get("host") not in (None, hostname()):
+            shutil.copyfile(path, into)
+            path.unlink()
+        else:
+            os.replace(path, into)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _done(meta: dict[str, Any]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from gguf import make_gguf, sha256_hex
-from world import MODEL_ID, World
+from world import FILENAME, MODEL_ID, World
 
 from llmlb_node import ModelDownloadError, ProgressEvent
 from llmlb_node.progress import read_status_file
@@ -197,8 +198,8 @@ def test_waiting_process_reports_the_holders_progress(world: World) -> None:
     assert world.hub.cdn.bytes_sent <= size * 1.1
 
 
-def test_a_hung_lock_holder_is_taken_over(world: World) -> None:
-    # A process holds the model's lock and then hangs (SIGSTOP): its status stops moving.
+def _stopped_holder(world: World) -> subprocess.Popen:
+    """A process downloading the model (slowly), SIGSTOPped once its first bytes are in."""
     world.hub.cdn.rate_limit(256 * 1024)
     holder = _spawn(world, MODEL_ID, 1)
     status_path = world.models_dir / ".llmlb" / MODEL_ID / "status.json"
@@ -206,18 +207,56 @@ def test_a_hung_lock_holder_is_taken_over(world: World) -> None:
     while not (status_path.exists() and json.loads(status_path.read_text())["downloaded"] > 0):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    os.kill(holder.pid, 19)  # SIGSTOP
+    os.kill(holder.pid, signal.SIGSTOP)
+    return holder
+
+
+def test_a_stopped_lock_holder_is_never_taken_over(world: World) -> None:
+    # The holder is alive but SIGSTOPped: its heartbeat stops. A waiter (the real command) that
+    # took it over would rename its partial away and install it; on SIGCONT the holder would go
+    # on writing into the installed file. The waiter reports it and gives up, typed, instead.
+    holder = _stopped_holder(world)
+    partials = sorted((world.models_dir / MODEL_ID).glob(".*.partial"))
     try:
         world.hub.cdn.rate_limit(None)
         start = time.monotonic()
-        resolved = world.resolver(stall_timeout=0.3, max_stalls=2).resolve(MODEL_ID)
+        waiter = subprocess.run(
+            [str(Path(sys.executable).with_name("llmlb-node")), "pull", MODEL_ID],
+            env={**os.environ, **world.env(), "LLMLB_STALL_TIMEOUT": "0.5"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         took = time.monotonic() - start
+        left = sorted((world.models_dir / MODEL_ID).glob(".*.partial"))
+        installed = world.installed_path().exists()
     finally:
-        os.kill(holder.pid, 9)
-        holder.wait()
+        os.kill(holder.pid, signal.SIGCONT)
+    _results(holder)  # continued, the holder finishes its own download
 
-    assert sha256_hex(resolved.path.read_bytes()) == world.sha256
-    assert took < 30  # never: the holder is stopped; room for a loaded machine
+    assert waiter.returncode == 1, waiter.stderr
+    assert f"held by pid {holder.pid}, no progress for" in waiter.stderr
+    assert "never taken over" in waiter.stderr and "Traceback" not in waiter.stderr
+    assert took < 60  # its own deadline: 4 stall windows of no progress; room for a loaded box
+    assert left == partials and not installed  # nothing renamed, nothing installed under it
+    assert sha256_hex(world.installed_path().read_bytes()) == world.sha256
+
+
+def test_a_stopped_writers_partial_is_never_claimed(world: World) -> None:
+    # No lock in the way (another store user, a crashed lock): the partial of a live, stopped
+    # writer whose sidecar is long stale is left to it, however old its heartbeat.
+    holder = _stopped_holder(world)
+    try:
+        store = world.resolver().store
+        time.sleep(0.3)
+        claimed = store.claim_partial(MODEL_ID, FILENAME, stale_after=0.1)
+        theirs = [p for p in claimed.path.parent.glob(".*.partial") if p != claimed.path]
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+    _results(holder)
+
+    assert claimed.path.stat().st_size == 0 and len(theirs) == 1
+    assert sha256_hex(world.installed_path().read_bytes()) == world.sha256
 
 
 def test_a_holder_sleeping_on_retry_after_is_not_taken_over(world: World) -> None:

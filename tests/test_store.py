@@ -399,21 +399,27 @@ def test_claim_partial_takes_over_a_dead_writer(store: ModelStore, dead_pid: int
     assert not orphan.path.exists()
 
 
-def test_claim_partial_takes_over_a_live_writer_gone_quiet(
+def test_claim_partial_never_takes_over_a_live_writer_gone_quiet(
     store: ModelStore, live_pid: int
 ) -> None:
-    _partial(store, b"z" * 800, pid=live_pid, age=120)  # alive, but no progress for 2 minutes
+    # Alive, but no progress for 2 minutes (SIGSTOPped?): continued, it would write on.
+    held = _partial(store, b"z" * 800, pid=live_pid, age=120)
 
     claimed = store.claim_partial("m", "m.gguf", stale_after=60)
 
-    assert claimed.path.read_bytes() == b"z" * 800
+    assert claimed.path.read_bytes() == b"" and held.path.read_bytes() == b"z" * 800
 
 
 def test_claim_partial_trusts_other_hosts_only_while_fresh(store: ModelStore) -> None:
     # A pid on another host cannot be checked: its sidecar's age decides.
     _partial(store, b"q" * 10, pid=1, host="elsewhere.example", age=1)
     assert store.claim_partial("m", "m.gguf", stale_after=60).path.read_bytes() == b""
-    assert store.claim_partial("m", "m.gguf", stale_after=0.5).path.read_bytes() == b"q" * 10
+    old = next(p for p in (store.root / "m").glob(".m.gguf.*.partial") if p.stat().st_size)
+    inode = old.stat().st_ino
+    claimed = store.claim_partial("m", "m.gguf", stale_after=0.5)
+    assert claimed.path.read_bytes() == b"q" * 10
+    # Copied into a file of our own: the other host's writer, if it lives on, writes elsewhere.
+    assert claimed.path.stat().st_ino != inode and not old.exists()
 
 
 def test_claim_partial_of_a_name_with_glob_characters(store: ModelStore, dead_pid: int) -> None:
