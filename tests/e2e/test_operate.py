@@ -19,6 +19,8 @@ from servers import refused_url
 
 from llmlb_node.server.memory import need_for
 
+from .test_serve import _open_stream
+
 pytestmark = pytest.mark.e2e
 
 NO_EOS = {"1": -100, "106": -100}  # Gemma's <eos> and <end_of_turn>: generate until max_tokens
@@ -149,33 +151,53 @@ def test_the_memory_budget_unloads_the_least_recently_used_model_to_make_room(
     assert "fits the memory budget of" in log
 
 
-def test_two_cold_models_at_once_under_a_budget_for_one_both_answer(
+def test_two_cold_models_waiting_for_room_under_a_budget_for_one_both_answer(
     tmp_path: Path, gemma_file: Path
 ) -> None:
-    """Each load counted the other's need as held and only an idle READY model can be evicted:
-    both stayed `loading` forever. Now one load reserves its memory at a time."""
-    home = manual_store(tmp_path, gemma_file, "gemma-a", "gemma-b")
-    need = need_for(gemma_file, 512)
+    """Two loads waiting for the memory a busy model holds: once it was idle, each counted the
+    other's need as held while only a READY idle model could be evicted, and both stayed
+    `loading` forever. Now a load that does not fit reserves nothing, so one goes, then the
+    other."""
+    home = manual_store(tmp_path, gemma_file, "gemma-a", "gemma-b", "gemma-c")
+    need = need_for(gemma_file, 1024)
     assert need is not None
     budget = str(int(1.5 * need.ram_bytes))  # one Gemma fits, two do not
-    with running_node(_env(home, N_CTX="512", MEMORY_BUDGET=budget, LOAD_WAIT="120")) as node:
+    env = _env(home, N_CTX="1024", MEMORY_BUDGET=budget, MAX_LOADED_MODELS="3", LOAD_WAIT="150")
+    with running_node(env) as node:
+        first = node.post("/v1/completions", {"model": "gemma-c", "prompt": "Hi", "max_tokens": 1})
+        story = {"model": "gemma-c", "prompt": "Once", "max_tokens": 900, "logit_bias": NO_EOS}
+        busy = _open_stream(node, "/v1/completions", story, b'"text"')  # gemma-c holds the room
         answers: dict[str, int] = {}
 
         def ask(model_id: str) -> None:
             body = {"model": model_id, "prompt": "Hi", "max_tokens": 2}
-            answers[model_id] = node.post("/v1/completions", body, timeout=150)[0]
+            answers[model_id] = node.post("/v1/completions", body, timeout=200)[0]
 
-        both = [threading.Thread(target=ask, args=(m,)) for m in ("gemma-a", "gemma-b")]
+        both = []
+        for model_id in ("gemma-a", "gemma-b"):  # each resolves, knows its need, then waits
+            both.append(threading.Thread(target=ask, args=(model_id,)))
+            both[-1].start()
+            node.wait_for(lambda m=model_id: _estimate(node, m), timeout=60, what=model_id)
+        streaming = _row(node, "gemma-c")["active_requests"]
+        busy.close()  # gemma-c goes idle: the two waiting loads wake together
         for thread in both:
-            thread.start()
-        for thread in both:
-            thread.join(180)  # a hang guard: each load takes about a second
+            thread.join(240)  # a hang guard: each load takes about a second
         ps = _ps(node)
         log = node.log
 
+    assert first[0] == 200
+    assert streaming == 1  # both waited while gemma-c was generating
     assert answers == {"gemma-a": 200, "gemma-b": 200}
-    assert [row["id"] for row in ps] in (["gemma-a"], ["gemma-b"])  # never both at once
-    assert "(least recently used) to make room for" in log
+    assert len(ps) == 1 and ps[0]["id"] in ("gemma-a", "gemma-b")  # never two at once
+    assert "gemma-c: unloading (least recently used) to make room for gemma-" in log
+
+
+def _row(node: Node, model_id: str) -> dict:
+    return next((row for row in _ps(node) if row["id"] == model_id), {})
+
+
+def _estimate(node: Node, model_id: str) -> bool:
+    return _row(node, model_id).get("memory_estimate_bytes") is not None
 
 
 def test_sigterm_mid_stream_ends_it_with_an_error_event_then_done_and_exits_0(
