@@ -208,6 +208,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _runnable_text(model: ModelInfo, here: str) -> str:
+    if model.unusable:
+        return f"no ({model.unusable})"
     if not model.runnable:
         return f"no ({model.format}/{model.engine})"
     if model.platforms and here not in model.platforms:

@@ -206,6 +206,16 @@ def block_count(path: str | os.PathLike[str]) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def read_architecture(fd: int, available: int) -> str | None:
+    """``general.architecture`` from the first `available` bytes of the GGUF at `fd`: the
+    key/values are read only until it appears. None when they name none; `GGUFError` (a
+    "truncated" one when the bytes end first) when they are not a GGUF's."""
+    parser = _Parser(fd, limit=available)
+    parser.parse(tensors=False, stop=lambda meta: "general.architecture" in meta)
+    arch = parser.metadata.get("general.architecture")
+    return arch if isinstance(arch, str) else None
+
+
 def _block_count_of(meta: dict[str, Value]) -> Value | None:
     arch = meta.get("general.architecture")
     return meta.get(f"{arch}.block_count") if isinstance(arch, str) else None

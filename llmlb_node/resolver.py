@@ -27,6 +27,7 @@ from .errors import (
     ModelNotInstalledError,
     SourceError,
     SourceFailure,
+    UnsupportedArchitectureError,
 )
 from .progress import (
     FINAL_STAGES,
@@ -169,6 +170,8 @@ class ModelInfo:
     """The platforms the catalog lists it for (``linux-cuda``, ...); empty: not stated."""
     architecture: str | None = None
     """``general.architecture`` of the installed GGUF, or None."""
+    unusable: str | None = None
+    """Why this llama.cpp cannot load it (its architecture), or None; `runnable` is then False."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``json.dumps([m.to_dict() for m in resolver.models()])``."""
@@ -349,6 +352,7 @@ class ModelResolver:
         infos = []
         for entry in self.catalog:
             found = self.installed(entry.id)
+            why = self.unusable(entry.id)
             infos.append(
                 ModelInfo(
                     id=entry.id,
@@ -358,11 +362,12 @@ class ModelResolver:
                     path=str(found.path) if found else None,
                     catalog=entry.origin,
                     overrides=tuple(self.catalog.overridden.get(entry.id, ())),
-                    runnable=entry.runnable,
+                    runnable=entry.runnable and why is None,
                     format=entry.format,
                     engine=entry.engine,
                     platforms=entry.platforms,
                     architecture=architecture(found.path) if found else None,
+                    unusable=why,
                 )
             )
         return infos + self._hub_models()
@@ -383,7 +388,9 @@ class ModelResolver:
                     installed=True,
                     path=str(found.path),
                     catalog=str(entry.raw.get("reference") or entry.origin),
+                    runnable=self.unusable(model_id) is None,
                     architecture=architecture(found.path),
+                    unusable=self.unusable(model_id),
                 )
             )
         return infos
@@ -511,13 +518,40 @@ class ModelResolver:
             self.catalog.get(canonical)
         return canonical
 
+    def unusable(self, model_id: str) -> str | None:
+        """Why this node cannot run `model_id` for its architecture (`archcheck`: the installed
+        file's header, the catalog's ``architecture``, or what an earlier install read of its
+        header), else None; WARNed once per process. No network."""
+        entry = self.catalog.find(model_id)
+        if entry is not None and not entry.runnable:
+            return None  # refused for its format already
+        found = self.installed(model_id)
+        if entry is None and found is None:
+            return None
+        from .archcheck import why_unusable
+
+        return why_unusable(entry, found.path if found else None, self.store)
+
+    def unusable_models(self) -> dict[str, str]:
+        """`unusable` of every catalog entry and installed model (each WARNed once)."""
+        ids = dict.fromkeys([*self.catalog.ids, *self.store.installed_ids()])
+        found = {i: self.unusable(i) for i in ids}
+        return {i: why for i, why in found.items() if why is not None}
+
     def _entry(self, model_id: str, reference: str) -> ModelEntry:
-        """The entry to install: the catalog's (`UnrunnableModelError` for a non-GGUF), else a
+        """The entry to install: the catalog's (`UnrunnableModelError` for a non-GGUF,
+        `UnsupportedArchitectureError` for an architecture known to be unsupported), else a
         Hub model's (`hubref`: its note in the store, else one Hub API call)."""
         if model_id in self.catalog:
-            return self.catalog.runnable(model_id)
-        entry = self._hub_entry(model_id, reference)
-        return entry if entry is not None else self.catalog.get(model_id)
+            entry = self.catalog.runnable(model_id)
+        else:
+            entry = self._hub_entry(model_id, reference) or self.catalog.get(model_id)
+        if self.unusable(model_id) is not None:
+            from .archcheck import entry_architecture, llama_cpp_version
+
+            arch = entry_architecture(entry, self.store) or "unknown"
+            raise UnsupportedArchitectureError(model_id, arch, llama_cpp_version())
+        return entry
 
     def _hub_entry(self, model_id: str, reference: str | None = None) -> ModelEntry | None:
         if not model_id.startswith(hub_id_prefix()):
@@ -693,6 +727,7 @@ class ModelResolver:
         failures: list[SourceFailure] = []
         disk_errors: list[InsufficientDiskSpaceError] = []
         stale_after = self._stale_after()
+        checked = entry.filename in done or entry.filename in reused
         for source in self._sources(entry):
             monitor.failures = [_failure_row(f) for f in failures]  # shown while the next runs
             try:
@@ -701,6 +736,8 @@ class ModelResolver:
                         continue
                     monitor.stage("resolving", source=source.label, filename=f.filename)
                     remote = source.locate(entry, f)
+                    if f.filename == entry.filename and not checked:
+                        checked = self._check_architecture(entry, f, remote)
                     rest = sum((g.expected_size or 0) for g in todo[i + 1 :])
                     size = remote.size if remote.size is not None else f.expected_size
                     monitor.file_started(f.filename, remote.source, size, rest)
@@ -785,13 +822,33 @@ class ModelResolver:
 
     def _reuse(self, entry: ModelEntry, todo: list[ModelFile], monitor: Monitor) -> dict[str, Any]:
         """Files of `entry` that other tools downloaded (`reuse`), verified and placed in the
-        store: filename -> `reuse.Reused`. Empty with LLMLB_REUSE=0."""
+        store: filename -> `reuse.Reused`. Empty with LLMLB_REUSE=0. A main file whose
+        architecture this llama.cpp does not know raises `UnsupportedArchitectureError`."""
         if not todo or not self.settings.reuse:
             return {}
         from .reuse import reuse_files
 
         monitor.stage("resolving", source="reuse", filename=todo[0].filename)
-        return reuse_files(self.store, entry, todo, self.settings)
+        found = reuse_files(self.store, entry, todo, self.settings)
+        main = found.get(entry.filename)
+        if main is not None:
+            from .archcheck import check_local
+
+            try:
+                check_local(entry, Path(main.path), self.store)
+            except BaseException:
+                for reused in found.values():
+                    Path(reused.path).unlink(missing_ok=True)
+                raise
+        return found
+
+    def _check_architecture(self, entry: ModelEntry, file: ModelFile, remote: Any) -> bool:
+        """Refuse (`UnsupportedArchitectureError`) before the weights a main file whose
+        architecture this llama.cpp does not know; True once checked (`archcheck`)."""
+        from .archcheck import check
+
+        check(entry, file, remote, self.settings, self.store)
+        return True
 
     def _install_reused(
         self, entry: ModelEntry, todo: list[ModelFile], reused: dict[str, Any], monitor: Monitor
@@ -858,6 +915,11 @@ class ModelResolver:
 
     # -- status ---------------------------------------------------------------------------
     def _status(self, model_id: str) -> ModelStatus:
+        status = self._download_status(model_id)
+        why = self.unusable(model_id) if status.status != "downloading" else None
+        return status if why is None else replace(status, status="error", error_message=why)
+
+    def _download_status(self, model_id: str) -> ModelStatus:
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id)
         flight = _FLIGHTS.get((str(self.settings.models_dir), model_id))

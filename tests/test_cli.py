@@ -83,6 +83,7 @@ def test_models_lists_ids_names_sizes_and_installed_state(world: World) -> None:
         "engine": "llama_cpp",
         "platforms": ["linux-cpu"],
         "architecture": None,
+        "unusable": None,
     }
     assert data == [
         {

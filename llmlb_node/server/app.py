@@ -374,6 +374,7 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
         node_metrics.watch(own)
         stopping.attach(own)
         await asyncio.to_thread(lambda: own.resolver.catalog)  # parse it once, off the loop
+        await asyncio.to_thread(own.resolver.unusable_models)  # WARN what this node cannot run
         await management.resume_interrupted(own)
         hardware = lb.Hardware()
         hardware.start()

@@ -13,6 +13,7 @@ from ..errors import (
     LlmlbError,
     ModelDownloadError,
     ModelLoadError,
+    UnsupportedArchitectureError,
     UnsupportedModelError,
 )
 from ..errors import ModelBusyError as ModelBusyError  # the library's, raised here too
@@ -86,6 +87,7 @@ class InsufficientMemoryError(LlmlbError):
 # Our exception tree -> (HTTP status, OpenAI error type, code). The most specific class wins.
 ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
     UnsupportedModelError: (404, "invalid_request_error", "model_not_found"),
+    UnsupportedArchitectureError: (400, "invalid_request_error", "unsupported_architecture"),
     ContextLengthExceededError: (400, "invalid_request_error", "context_length_exceeded"),
     RequestTooLargeError: (413, "invalid_request_error", "request_too_large"),
     InvalidRequestError: (400, "invalid_request_error", None),

@@ -107,7 +107,7 @@ def supported_models(pool: ModelPool) -> dict[str, Any]:
                 "required_vram_mb": (entry.required_memory_bytes or 0) // (1024 * 1024),
                 "tags": list(entry.raw.get("tags") or []),
                 "is_local": resolver.installed(entry.id) is not None,
-                "runnable": runnable(entry),
+                "runnable": runnable(entry) and resolver.unusable(entry.id) is None,
             }
         )
     return {"models": rows}
