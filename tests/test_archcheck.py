@@ -153,7 +153,7 @@ def test_the_node_answers_400_unsupported_architecture_and_marks_it(
         status, _, body = node.post("/v1/chat/completions", chat)
         _, _, supported = node.get("/v0/supported-models")
         _, _, state = node.get("/v0/models/frob/status")
-        _, _, listing = node.get("/v1/models")
+        _, _, listed = node.get("/v1/models/frob")
         pull = node.post("/api/models/pull", {"model": "frob", "stream": False})
 
     assert status == 400 and body["error"]["code"] == "unsupported_architecture"
@@ -161,7 +161,7 @@ def test_the_node_answers_400_unsupported_architecture_and_marks_it(
     row = next(m for m in supported["models"] if m["id"] == "frob")
     assert row["runnable"] is False
     assert state["status"] == "error" and "frobnicator" in state["error_message"]
-    assert next(m for m in listing["data"] if m["id"] == "frob")["status"] == "error"
+    assert listed["status"] == "error"
     assert pull[0] == 400 and pull[2]["error"]["code"] == "unsupported_architecture"
 
 
