@@ -12,7 +12,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -24,7 +24,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import LlmlbError, ModelDownloadError, UnsupportedModelError
 from ..redact import has_secrets, redact
-from . import blob, embedding, inference, lb, management, metrics, models, openai, shutdown, ui
+from . import (
+    blob,
+    embedding,
+    inference,
+    lb,
+    management,
+    metrics,
+    models,
+    openai,
+    responses,
+    shutdown,
+    ui,
+)
 from .errors import GenerationCancelledError, UnauthorizedError, classify
 from .pool import Lease, ModelPool, describe
 from .settings import ServerSettings
@@ -80,6 +92,11 @@ async def completions(request: Request) -> Response:
     return await _generate(request, parsed, "create_completion")
 
 
+async def create_response(request: Request) -> Response:
+    asked = responses.parse(await openai.read_json(request))
+    return await _generate(request, asked.chat, "create_chat_completion", asked)
+
+
 async def embeddings(request: Request) -> Response:
     parsed = openai.parse_embedding(await openai.read_json(request))
     request.state.model = parsed.model
@@ -130,19 +147,32 @@ async def downloads(request: Request) -> Response:
 
 
 # -- generation ------------------------------------------------------------------------------
-async def _generate(request: Request, parsed: openai.ParsedRequest, method: str) -> Response:
+class Shape(Protocol):
+    """How one kind of answer reaches the client: a whole answer's body, a stream's SSE text."""
+
+    def whole(self, result: dict[str, Any]) -> dict[str, Any]: ...
+
+    def events(self, items: AsyncIterator[Any]) -> AsyncIterator[str]: ...
+
+
+async def _generate(
+    request: Request, parsed: openai.ParsedRequest, method: str, shape: Shape | None = None
+) -> Response:
+    """Generate with ``llm.<method>`` (chat or text completion) and answer in `shape` (by
+    default OpenAI's completions, chunks and ``[DONE]``)."""
+    shape = shape or openai.ChunkStream(parsed.include_usage)
     request.state.model = parsed.model
     pool: ModelPool = request.state.pool
     lease = await pool.admit(parsed.model, keep_alive=parsed.keep_alive)
     if parsed.stream:
-        return await _start_stream(request, lease, parsed, method)
+        return await _start_stream(request, lease, parsed, method, shape)
     try:  # a client that leaves while queued gives its LLMLB_MAX_QUEUE place back at once
         result = await _unless_disconnected(request, _answer(lease, parsed, method))
     finally:
         lease.release()
     request.state.tokens = (result.get("usage") or {}).get("completion_tokens")
     request.state.prompt_tokens = (result.get("usage") or {}).get("prompt_tokens")
-    return JSONResponse(result)
+    return JSONResponse(shape.whole(result))
 
 
 async def _answer(lease: Lease, parsed: openai.ParsedRequest, method: str) -> Any:
@@ -158,48 +188,45 @@ async def _embed(lease: Lease, parsed: openai.ParsedRequest) -> Any:
 
 
 async def _start_stream(
-    request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str
+    request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str, shape: Shape
 ) -> Response:
     try:  # errors known at once (a failed download, a full queue) keep their HTTP status
         ready = await _unless_disconnected(request, lease.wait(FIRST_WAIT))
     except BaseException:
         lease.release()
         raise
-    events = _events(request, lease, parsed, method, ready)
+    events = shape.events(_generated(request, lease, parsed, method, ready))
     return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _events(
+async def _generated(
     request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str, ready: bool
-) -> AsyncIterator[str]:
+) -> AsyncIterator[str | dict[str, Any] | openai.StreamError]:
+    """A stream's items: a progress text now and at each heartbeat until the model is ours, then
+    the generation's chunks, its usage chunk last; a failure from then on is a `StreamError`."""
     pool: ModelPool = request.state.pool
     tokens = 0
     try:
-        while not ready:  # a comment now, then one per heartbeat until the model is ours
+        while not ready:
             status = await pool.status(parsed.model)
-            yield openai.sse_comment(describe(status, pool.state(parsed.model)))
+            yield describe(status, pool.state(parsed.model))
             ready = await _unless_disconnected(request, lease.wait(pool.settings.heartbeat))
         call = functools.partial(inference.stream, lease.llm, method, parsed.kwargs, parsed.model)
         async for chunk in lease.stream(call):
-            if inference.is_usage_chunk(chunk):
+            if openai.is_usage_chunk(chunk):
                 tokens = chunk["usage"]["completion_tokens"]
                 request.state.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                if parsed.include_usage:
-                    yield openai.sse(chunk)
-                continue
-            tokens += 1
-            if parsed.include_usage:  # OpenAI's shape: every other chunk says usage null
-                chunk["usage"] = None
-            yield openai.sse(chunk)
-    except LlmlbError as exc:  # the status line is gone: an error event, then the end
-        yield openai.sse(error_payload(exc)[1])
+            else:
+                tokens += 1
+            yield chunk
+    except LlmlbError as exc:  # the status line is gone: the shape tells the client
+        yield openai.StreamError(error_payload(exc)[1])
     finally:
         request.state.tokens = tokens
         lease.release()
-    yield openai.sse("[DONE]")
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
@@ -341,6 +368,7 @@ class AccessLog:
 routes = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/responses", create_response, methods=["POST"]),
     Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id}", get_model, methods=["GET"]),

@@ -13,6 +13,7 @@ from typing import Any
 from ..lazy import LazyLlama
 from . import messages
 from .errors import ContextLengthExceededError, InvalidRequestError
+from .openai import usage_chunk
 
 
 def call(llm: LazyLlama, method: str, kwargs: dict[str, Any], model_id: str) -> Any:
@@ -38,17 +39,7 @@ def stream(llm: LazyLlama, method: str, kwargs: dict[str, Any], model_id: str) -
     except ValueError as exc:
         raise _request_error(exc, kwargs) from exc
     if last is not None:
-        yield usage_chunk(last, counts)
-
-
-def usage_chunk(last: dict[str, Any], counts: TokenCounts) -> dict[str, Any]:
-    """OpenAI's final chunk under ``stream_options.include_usage``."""
-    head = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
-    return {**head, "choices": [], "usage": counts.usage()}
-
-
-def is_usage_chunk(chunk: dict[str, Any]) -> bool:
-    return chunk.get("choices") == [] and "usage" in chunk
+        yield usage_chunk(last, counts.usage())
 
 
 @dataclass

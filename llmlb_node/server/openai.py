@@ -10,7 +10,7 @@ import base64
 import json
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -357,10 +357,55 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def sse(data: Any) -> str:
-    """One server-sent event carrying `data` as JSON (or ``[DONE]``)."""
+def sse(data: Any, event: str | None = None) -> str:
+    """One server-sent event carrying `data` as JSON (or ``[DONE]``), named `event` if given."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n"
+    name = f"event: {event}\n" if event else ""
+    return f"{name}data: {payload}\n\n"
+
+
+def usage_chunk(last: Mapping[str, Any], usage: dict[str, int]) -> dict[str, Any]:
+    """OpenAI's final chunk under ``stream_options.include_usage``: the stream's ``id``,
+    ``object``, ``created`` and ``model``, ``choices: []`` and the usage."""
+    head = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
+    return {**head, "choices": [], "usage": usage}
+
+
+def is_usage_chunk(chunk: Mapping[str, Any]) -> bool:
+    return chunk.get("choices") == [] and "usage" in chunk
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """A failure after a stream's status line was sent: its OpenAI error body."""
+
+    body: dict[str, Any]
+
+
+class ChunkStream:
+    """Chat and text completions as OpenAI streams them: ``data:`` chunks, then ``[DONE]``."""
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+
+    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
+        return result
+
+    async def events(self, items: AsyncIterator[Any]) -> AsyncIterator[str]:
+        """SSE text of a generation's items (see `app._generated`)."""
+        async for item in items:
+            if isinstance(item, str):
+                yield sse_comment(item)
+            elif isinstance(item, StreamError):  # an error event, then the end
+                yield sse(item.body)
+            elif is_usage_chunk(item):
+                if self.include_usage:
+                    yield sse(item)
+            else:
+                if self.include_usage:  # OpenAI's shape: every other chunk says usage null
+                    item["usage"] = None
+                yield sse(item)
+        yield sse("[DONE]")
 
 
 def sse_comment(text: str) -> str:
