@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .envfile import load_envfile
 from .errors import (
     CatalogError,
     ConfigurationError,
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())  # httpx's records too, not only ours
     try:
+        load_envfile()  # $LLMLB_HOME/.env, beneath the process environment
         if args.command not in ("backend", "doctor"):
             Settings.from_env()  # a malformed LLMLB_* value: exit 2 now, before any work
         code = int(args.func(args) or 0)
