@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -390,6 +391,23 @@ routes = [
 ]
 
 
+def _cors(origins: tuple[str, ...]) -> list[Middleware]:
+    """Browser pages of `origins` may call the node: preflights are answered here, before the
+    key is checked (a browser sends none with them), and every answer says who may read it."""
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
+    ]
+
+
 def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = None) -> Starlette:
     """The node's ASGI app; its lifespan creates the model pool (or uses `pool`)."""
     settings = settings or ServerSettings.from_env()
@@ -427,6 +445,7 @@ def create_app(settings: ServerSettings | None = None, pool: ModelPool | None = 
             Middleware(metrics.RequestMetrics, metrics=node_metrics, routes=routes),
             Middleware(AccessLog),
             Middleware(RedactJson),
+            *_cors(settings.cors_origins),
             Middleware(shutdown.EndAtDeadline, shutdown=stopping),
             Middleware(BearerAuth, api_key=settings.api_key),
         ],

@@ -72,6 +72,8 @@ class ServerSettings:
     """Seconds requests in flight get to finish after SIGTERM/SIGINT."""
     heartbeat: float = 4.0
     """Seconds between SSE comment lines while a streaming request waits."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins a browser page may call the node from (LLMLB_NODE_CORS_ORIGINS); ``*`` any."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ServerSettings:
@@ -92,6 +94,7 @@ class ServerSettings:
             "n_threads": _int(env, "LLMLB_N_THREADS", 0, minimum=0) or None,
             "shutdown_grace": _seconds(env, "LLMLB_SHUTDOWN_GRACE", 30.0),
             "memory_budget": MemoryBudget.parse(env.get("LLMLB_MEMORY_BUDGET")),
+            "cors_origins": _origins(env.get("LLMLB_NODE_CORS_ORIGINS") or ""),
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
@@ -115,6 +118,21 @@ def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{key}={env.get(key)!r} must be one of {', '.join(choices)}")
     return value
+
+
+_ORIGIN = re.compile(r"https?://[^/\s?#]+")
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    """Comma-separated origins (``scheme://host[:port]``, no path) or ``*``."""
+    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ValueError(
+                f"LLMLB_NODE_CORS_ORIGINS: {origin!r} is not an origin; list them as "
+                "https://app.example.org,http://localhost:3000 (scheme, host, port), or *"
+            )
+    return origins
 
 
 def _seconds(env: Mapping[str, str], key: str, default: float) -> float:

@@ -23,7 +23,13 @@ def test_llmlb_n_threads_must_be_a_whole_number() -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("LLMLB_N_THREADS", "two"), ("LLMLB_MAX_LOADED_MODELS", "0"), ("LLMLB_ADVERTISE", "all")],
+    [
+        ("LLMLB_N_THREADS", "two"),
+        ("LLMLB_MAX_LOADED_MODELS", "0"),
+        ("LLMLB_ADVERTISE", "all"),
+        ("LLMLB_NODE_CORS_ORIGINS", "app.example.org"),
+        ("LLMLB_NODE_CORS_ORIGINS", "https://app.example.org/page"),
+    ],
 )
 def test_serve_with_a_value_it_cannot_use_exits_2_naming_the_variable(
     llmlb_env: object,
