@@ -18,6 +18,8 @@ from servers import refused_url
 
 from .conftest import GEMMA_ID
 
+KEY = "node-key-0123456789"  # the node masks its key in every answer: never a common word
+
 pytestmark = pytest.mark.e2e
 
 SEQUENCE = [
@@ -42,13 +44,13 @@ YES_NO = {
 def node(gemma_file: Path) -> Iterator[Node]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
     env.update(LLMLB_HOME=str(gemma_file.parents[2]), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    with running_node(env, api_key="k", N_CTX="512") as running:
+    with running_node(env, api_key=KEY, N_CTX="512") as running:
         yield running
 
 
 @pytest.fixture
 def client(node: Node) -> openai.OpenAI:
-    return openai.OpenAI(base_url=node.base_url, api_key="k", max_retries=0)
+    return openai.OpenAI(base_url=node.base_url, api_key=KEY, max_retries=0)
 
 
 def _settled(create: Any, **body: Any) -> Any:
@@ -162,7 +164,7 @@ def test_errors_have_the_openai_shape_before_and_during_a_stream(client: openai.
 
 def test_the_load_balancer_forwards_it_and_counts_its_tokens(node: Node) -> None:
     lb = LoadBalancer()
-    lb.register("node-1", node.url, "k")
+    lb.register("node-1", node.url, KEY)
     body = {"model": GEMMA_ID, "input": "Hello", "max_output_tokens": 6}
     whole = lb.forward("node-1", "/v1/responses", body)
     streamed = lb.forward("node-1", "/v1/responses", {**body, "stream": True})

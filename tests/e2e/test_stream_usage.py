@@ -23,6 +23,8 @@ from servers import refused_url
 
 from .conftest import GEMMA_ID
 
+KEY = "node-key-0123456789"  # the node masks its key in every answer: never a common word
+
 pytestmark = pytest.mark.e2e
 
 CHAT = {
@@ -37,13 +39,13 @@ COMPLETION = {"model": GEMMA_ID, "prompt": "The capital of France is", "temperat
 def node(gemma_file: Path) -> Iterator[Node]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
     env.update(LLMLB_HOME=str(gemma_file.parents[2]), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    with running_node(env, api_key="k", N_CTX="1024") as running:
+    with running_node(env, api_key=KEY, N_CTX="1024") as running:
         yield running
 
 
 @pytest.fixture
 def client(node: Node) -> openai.OpenAI:
-    return openai.OpenAI(base_url=node.base_url, api_key="k", max_retries=0)
+    return openai.OpenAI(base_url=node.base_url, api_key=KEY, max_retries=0)
 
 
 def _settled(create: Any, **body: Any) -> Any:
@@ -57,7 +59,7 @@ def _settled(create: Any, **body: Any) -> Any:
 
 def _sse(node: Node, path: str, body: dict[str, Any]) -> list[Any]:
     """The raw ``data:`` payloads of a stream, JSON decoded, ``[DONE]`` kept as a string."""
-    headers = {"Authorization": "Bearer k"}
+    headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", node.url + path, json=body, headers=headers, timeout=120) as r:
         assert r.status_code == 200, r.read()
         lines = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
@@ -142,7 +144,7 @@ def test_without_include_usage_no_chunk_has_usage(node: Node) -> None:
 
 def test_the_load_balancer_injects_include_usage_and_counts_the_real_tokens(node: Node) -> None:
     lb = LoadBalancer()
-    lb.register("node-1", node.url, "k")
+    lb.register("node-1", node.url, KEY)
     whole = lb.forward("node-1", "/v1/chat/completions", {**CHAT, "max_tokens": 9})
     chat = lb.forward("node-1", "/v1/chat/completions", {**CHAT, "max_tokens": 9, "stream": True})
     text = lb.forward("node-1", "/v1/completions", {**COMPLETION, "max_tokens": 7, "stream": True})

@@ -8,6 +8,8 @@ import pytest
 from node import Node, running_node
 from world import World
 
+KEY = "node-key-0123456789"  # the node masks its key in every answer: never a common word
+
 APP = "http://app.example:3000"
 PREFLIGHT = {
     "Access-Control-Request-Method": "POST",
@@ -26,7 +28,7 @@ def _get(node: Node, origin: str, key: str | None = None) -> httpx.Response:
 
 @pytest.fixture
 def cors_node(world: World) -> Node:  # type: ignore[misc]
-    with running_node(api_key="k", NODE_CORS_ORIGINS=f"{APP}, https://other.example") as node:
+    with running_node(api_key=KEY, NODE_CORS_ORIGINS=f"{APP}, https://other.example") as node:
         yield node
 
 
@@ -51,9 +53,9 @@ def test_another_origins_preflight_is_refused(cors_node: Node) -> None:
 
 
 def test_answers_tell_a_listed_origin_it_may_read_them_errors_included(cors_node: Node) -> None:
-    ok = _get(cors_node, APP, key="k")
+    ok = _get(cors_node, APP, key=KEY)
     refused_key = _get(cors_node, APP)
-    other = _get(cors_node, "http://evil.example", key="k")
+    other = _get(cors_node, "http://evil.example", key=KEY)
 
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == APP
     assert refused_key.status_code == 401  # the key is still required for the request itself
@@ -62,9 +64,9 @@ def test_answers_tell_a_listed_origin_it_may_read_them_errors_included(cors_node
 
 
 def test_by_default_no_origin_is_allowed(world: World) -> None:
-    with running_node(api_key="k") as node:
+    with running_node(api_key=KEY) as node:
         preflight = _preflight(node, APP)
-        answer = _get(node, APP, key="k")
+        answer = _get(node, APP, key=KEY)
 
     assert preflight.status_code == 401  # no CORS: an OPTIONS request like any other
     assert "access-control-allow-origin" not in preflight.headers

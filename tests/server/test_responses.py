@@ -11,6 +11,8 @@ import pytest
 from node import Node, running_node
 from servers import refused_url
 
+KEY = "node-key-0123456789"  # the node masks its key in every answer: never a common word
+
 # A catalog model only the Hub serves: with the Hub unreachable, a valid request ends in a 502.
 OK = {"model": "smollm2-360m-instruct", "input": "Hello"}
 
@@ -22,7 +24,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     home: Path = tmp_path_factory.mktemp("empty-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
     env.update(LLMLB_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    with running_node(env, api_key="k") as running:
+    with running_node(env, api_key=KEY) as running:
         yield running
 
 
