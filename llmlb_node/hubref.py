@@ -293,7 +293,13 @@ def list_files(ref: HubReference, settings: Settings) -> tuple[str, list[HubFile
     if not origin_allowed(url, settings.origin_allowlist):
         message = "the Hub's host is not in LLMLB_ORIGIN_ALLOWLIST"
         raise ModelDownloadError(ref.text, [SourceFailure(label, "blocked", message, url)])
-    data = _get_json(ref, url, settings)
+    token = _token(settings)
+    data = _get_json(ref, url, settings, token)
+    if isinstance(data, dict) and data.get("gated") and not token:
+        # The Hub lists a gated repo's files to anyone; their bytes need a granted token.
+        page = f"{settings.hf_endpoint}/{ref.repo}"
+        message = f"{ref.repo} is gated: set HF_TOKEN and accept the model's terms at {page}"
+        raise HubAccessError(ref.text, [SourceFailure(label, "unauthorized", message, url)])
     commit = data.get("sha") if isinstance(data, dict) else None
     siblings = data.get("siblings") if isinstance(data, dict) else None
     if not isinstance(commit, str) or not isinstance(siblings, list):
@@ -318,13 +324,12 @@ def _hub_file(item: object) -> HubFile | None:
     )
 
 
-def _get_json(ref: HubReference, url: str, settings: Settings) -> Any:
+def _get_json(ref: HubReference, url: str, settings: Settings, token: str | None) -> Any:
     import httpx
 
     from .sources.http_errors import describe_exception
 
     label = f"huggingface:{ref.repo}"
-    token = _token(settings)
     headers = {"authorization": f"Bearer {token}"} if token else {}
     timeout = httpx.Timeout(settings.connect_timeout, read=settings.stall_timeout)
     for attempt in range(1, settings.max_retries + 1):

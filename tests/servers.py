@@ -884,8 +884,13 @@ class HubServer(LoopbackServer):
             headers["X-Error-Code"] = code
         self.send_json(h, rec, status, {"error": message}, headers)
 
-    def _access(self, h: _Handler, rec: RecordedRequest, repo: str) -> _Repo | None:
-        """The repo if this request may read it, else answer the Hub's error and return None."""
+    def _access(
+        self, h: _Handler, rec: RecordedRequest, repo: str, listing: bool = False
+    ) -> _Repo | None:
+        """The repo if this request may read it, else answer the Hub's error and return None.
+
+        A gated repo's `listing` (model info, tree) is public, as on the Hub: only its files
+        need a token that was granted access."""
         auth = rec.headers.get("authorization", "")
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         if token is not None and token in self._bad_tokens:
@@ -895,7 +900,7 @@ class HubServer(LoopbackServer):
         if r is None or not r.trees:
             self._error(h, rec, 404 if token else 401, "RepoNotFound", "Repository not found")
             return None
-        if r.access is None or token in r.tokens:
+        if r.access is None or token in r.tokens or (listing and r.access == "gated"):
             return r
         if r.access == "private":
             self._error(h, rec, 404 if token else 401, "RepoNotFound", "Repository not found")
@@ -977,7 +982,7 @@ class HubServer(LoopbackServer):
     def _api(self, h: _Handler, rec: RecordedRequest, parts: list[str]) -> None:
         repo = unquote("/".join(parts[:2]))
         rest = parts[2:]
-        r = self._access(h, rec, repo)
+        r = self._access(h, rec, repo, listing=True)
         if r is None:
             return
         if not rest or (rest[0] == "revision" and len(rest) == 2):

@@ -17,6 +17,7 @@ from llmlb_node.errors import (
     HubReferencesDisabledError,
     HubRepoNotFoundError,
     InvalidModelIdError,
+    ModelDownloadError,
     NoGGUFError,
     QuantNotFoundError,
 )
@@ -152,8 +153,24 @@ def test_a_gated_repo_says_to_set_hf_token_and_accept_the_terms(
     assert info.value.failures[0].kind == "unauthorized"
     assert cli("pull", f"hf:{REPO}").returncode == 4
 
+    # A token without access: the listing is public, the file's 403 says the same.
+    world.monkeypatch.setenv("HF_TOKEN", "not-granted")
+    with pytest.raises(ModelDownloadError) as refused:
+        _resolver(world).resolve(f"hf:{REPO}")
+    assert "HF_TOKEN" in str(refused.value) and "accept" in str(refused.value)
+    assert refused.value.failures[0].kind == "forbidden"
+
     world.monkeypatch.setenv("HF_TOKEN", "granted")
     assert _resolver(world).resolve(f"hf:{REPO}").path.name == "many-q4_k_m.gguf"
+
+
+def test_a_token_the_hub_rejects_is_an_access_error(
+    world: World, hub_repo: dict[str, bytes]
+) -> None:
+    world.hub.reject_token("revoked")
+    world.monkeypatch.setenv("HF_TOKEN", "revoked")
+    with pytest.raises(HubAccessError, match="HF_TOKEN"):
+        _resolver(world).resolve(f"hf:{REPO}")
 
 
 def test_a_safetensors_only_repo_lists_what_it_holds(world: World) -> None:

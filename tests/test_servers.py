@@ -338,6 +338,18 @@ def test_hf_errors_map_to_huggingface_hub_exceptions(hub: HubServer) -> None:
     assert meta(REPO, token=TOKEN).size == 100
 
 
+def test_a_gated_repos_listing_is_public_its_files_are_not(hub: HubServer) -> None:
+    hub.add_file(REPO, FILE, make_gguf(100))
+    hub.require_token(REPO, TOKEN, kind="gated")
+    api = huggingface_hub.HfApi(endpoint=hub.url)
+
+    info = api.model_info(REPO, token=False, files_metadata=True)
+
+    assert info.gated == "manual" and [s.rfilename for s in info.siblings or []] == [FILE]
+    with pytest.raises(hf_errors.GatedRepoError):
+        huggingface_hub.get_hf_file_metadata(hub.file_url(REPO, FILE), token=False)
+
+
 def test_hf_hub_download_token_stays_on_hub(hub: HubServer, llmlb_env, tmp_path: Path) -> None:
     data = make_gguf(2 * 1024 * 1024 + 5)
     hub.add_file(REPO, f"q/{FILE}", data)
