@@ -125,6 +125,8 @@ class GGUFHeader:
     data_end: int
     """The smallest file size that holds every declared tensor's data."""
     file_size: int = field(default=0, compare=False)
+    tensor_count: int = field(default=0, compare=False)
+    """How many tensor infos the header declares (known even with ``tensors=False``)."""
 
     @property
     def architecture(self) -> str | None:
@@ -185,6 +187,49 @@ def check_complete(path: str | os.PathLike[str], *, name: str | None = None) -> 
     return header
 
 
+def check_split_set(shards: list[tuple[str, GGUFHeader]]) -> None:
+    """Raise `GGUFError` unless these GGUFs (a model's files in catalog order, headers read
+    with or without tensors) are one model: a single file, or every shard of one split set as
+    llama.cpp's loader wants it — each shard's ``split.no`` its place, ``split.count`` and
+    ``split.tensors.count`` the same in all and true of the set, one architecture."""
+    split = [(name, h) for name, h in shards if "split.count" in h.metadata]
+    if not split:
+        return
+    first, head = shards[0]
+    count, total = head.metadata.get("split.count"), head.metadata.get("split.tensors.count")
+    if split[0][0] != first or count != len(shards):
+        raise GGUFError(
+            f"{first}: split.count is {count!r} but the model has {len(shards)} GGUF files "
+            f"({len(split)} of them shards): not one split set"
+        )
+    for no, (name, h) in enumerate(shards):
+        _check_shard(name, h, no, head)
+    declared = sum(h.tensor_count for _, h in shards)
+    if total != declared:
+        raise GGUFError(
+            f"{first}: split.tensors.count is {total!r} but the shards hold {declared} tensors"
+        )
+
+
+def _check_shard(name: str, h: GGUFHeader, no: int, head: GGUFHeader) -> None:
+    meta, want = h.metadata, head.metadata
+    for key, expected in (
+        ("split.no", no),
+        ("split.count", want.get("split.count")),
+        ("split.tensors.count", want.get("split.tensors.count")),
+    ):
+        if meta.get(key) != expected:
+            raise GGUFError(
+                f"{name}: {key} is {meta.get(key)!r}, the set needs {expected!r}: "
+                "this shard belongs to another split set"
+            )
+    if h.architecture is not None and h.architecture != head.architecture:
+        raise GGUFError(
+            f"{name}: architecture {h.architecture!r}, the first shard's is "
+            f"{head.architecture!r}: not one model"
+        )
+
+
 def ggml_type_bytes(ggml_type: int, n_elements: int) -> int:
     """Bytes that `n_elements` values of `ggml_type` take (F16 sizes for a type not known here)."""
     _, block, nbytes = _GGML_TYPES.get(ggml_type, _GGML_TYPES[1])
@@ -239,6 +284,7 @@ class _Parser:
         self.metadata: dict[str, Value] = {}
         self.array_lengths: dict[str, int] = {}
         self.kept = 0  # what the parse holds so far, in `_MAX_KEPT`'s units
+        self.n_tensors = 0
 
     # -- the sections ---------------------------------------------------------------------
     def parse(
@@ -258,6 +304,7 @@ class _Parser:
             self._key_value()
             if stop is not None and stop(self.metadata):
                 break
+        self.n_tensors = n_tensors
         if not tensors:
             return self._header(version, (), 0, 0)
         layout = _Layout(self._alignment())
@@ -299,6 +346,7 @@ class _Parser:
             data_offset=data_offset,
             data_end=data_end,
             file_size=self.file_size,
+            tensor_count=self.n_tensors,
         )
 
     def _value(self, key: str, kind: int) -> None:

@@ -730,6 +730,7 @@ class ModelResolver:
         checked = entry.filename in done or entry.filename in reused
         for source in self._sources(entry):
             monitor.failures = [_failure_row(f) for f in failures]  # shown while the next runs
+            ready = _one_source(ready, reused)
             try:
                 for i, f in enumerate(todo):
                     if f.filename in ready:
@@ -770,6 +771,11 @@ class ModelResolver:
                 disk_errors.append(exc)
                 failures.append(SourceFailure(source.label, "disk", str(exc)))
                 log.info("%s: %s: %s [disk]", entry.id, source.label, exc)
+                continue
+            problem = self._split_set_problem(entry, ready)
+            if problem is not None:
+                failures.append(SourceFailure(source.label, "integrity", problem))
+                log.info("%s: %s: %s [integrity]", entry.id, source.label, problem)
                 continue
             monitor.stage("verifying")
             if store.lookup(entry.id, entry) is None:  # else another writer won the race
@@ -819,6 +825,24 @@ class ModelResolver:
         if disk_errors:  # no source fitted: the disk is what the user must act on (exit 5)
             raise disk_errors[0]
         raise ModelDownloadError(entry.id, failures)
+
+    def _split_set_problem(self, entry: ModelEntry, ready: dict[str, Any]) -> str | None:
+        """Why the model's GGUF files, about to be installed together, are not one model (a
+        shard of another split set, another architecture), or None."""
+        names = [f.filename for f in entry.files if f.filename.lower().endswith(".gguf")]
+        if len(names) < 2:
+            return None
+        from .gguf import GGUFError, check_split_set, read_header
+
+        try:
+            headers = [
+                (n, read_header(_ready_path(self.store, entry, ready, n), tensors=False))
+                for n in names
+            ]
+            check_split_set(headers)
+        except (GGUFError, OSError) as exc:
+            return str(exc)
+        return None
 
     def _reuse(self, entry: ModelEntry, todo: list[ModelFile], monitor: Monitor) -> dict[str, Any]:
         """Files of `entry` that other tools downloaded (`reuse`), verified and placed in the
@@ -975,6 +999,20 @@ class ModelResolver:
 
 def _failure_row(failure: SourceFailure) -> dict[str, str]:
     return {"source": failure.source, "kind": failure.kind, "message": failure.message}
+
+
+def _one_source(ready: dict[str, Any], reused: dict[str, Any]) -> dict[str, Any]:
+    """What the next source starts from: the files reused locally, never the files a failed
+    source delivered (the files of one model come from one source, at one revision)."""
+    for name, fetched in ready.items():
+        if name not in reused:
+            Path(fetched.path).unlink(missing_ok=True)
+    return dict(reused)
+
+
+def _ready_path(store: ModelStore, entry: ModelEntry, ready: dict[str, Any], name: str) -> Path:
+    fetched = ready.get(name)
+    return Path(fetched.path) if fetched is not None else store.file_path(entry.id, name)
 
 
 def _failure_dict(data: dict[str, Any]) -> dict[str, str]:

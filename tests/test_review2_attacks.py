@@ -15,7 +15,7 @@ import httpx
 import pytest
 from gguf import build_gguf, make_gguf, make_shard, sha256_hex
 from servers import RecordedRequest, Reply, ScriptedServer, honest_reply, refused_url
-from test_lying_servers import LLMLB_NODE, _as_url, _nothing_installed, cli
+from test_lying_servers import LLMLB_NODE, _as_url, _entry, _nothing_installed, cli
 from world import FILENAME, MODEL_ID, SIZE, World
 
 from llmlb_node import ModelDownloadError
@@ -177,6 +177,65 @@ def test_a_real_layout_still_installs(world: World, serve: Callable[..., Scripte
     server = serve(lambda rec: honest_reply(content, rec))
     _as_url(world, server, "good", "good.gguf")
     assert world.resolver().resolve("good").path.read_bytes() == content
+
+
+# -- 4. split sets that do not belong together ----------------------------------------------------
+STRANGERS = {
+    # shard 2 as a liar serves it: from another set, or another model
+    "another-count": lambda: make_shard(1, 3),
+    "same-number": lambda: make_shard(0, 2, name="v1-again"),
+    "another-tensor-total": lambda: make_shard(1, 2, total=5),
+    "another-architecture": lambda: make_shard(1, 2, arch="qwen2"),
+    "not-a-shard": lambda: make_gguf(60_000, seed=4),
+}
+
+
+@pytest.mark.parametrize("stranger", STRANGERS, ids=STRANGERS)
+def test_a_shard_of_another_set_installs_nothing_of_the_set(
+    world: World, serve: Callable[..., ScriptedServer], stranger: str
+) -> None:
+    shards = {SHARDS[0]: make_shard(0, 2), SHARDS[1]: STRANGERS[stranger]()}
+    server = serve(lambda rec: honest_reply(shards[rec.path.rsplit("/", 1)[-1]], rec))
+    urls = {name: f"{server.url}/{name}" for name in SHARDS}
+    files = [{"filename": name} for name in SHARDS]
+    _entry(world, "split", SHARDS[0], files=files, sources=[{"type": "url", "urls": urls}])
+    world.monkeypatch.delenv("LLMLB_URL")
+
+    done = cli("pull", "split")
+
+    assert done.returncode == 5, done.stderr
+    assert "[integrity]" in done.stderr and "split" in done.stderr
+    assert _nothing_installed(world, "split")  # neither shard: a set is whole or absent
+    assert cli("path", "split").returncode == 1
+
+
+def test_the_shards_of_one_model_never_come_from_two_sources(
+    world: World, serve: Callable[..., ScriptedServer]
+) -> None:
+    # The first source has shard 1 only; the proxy has both, of another version (another
+    # general.name, same counts: every shard check alone passes). Mixing would install v1+v2.
+    v1 = make_shard(0, 2)
+    first = serve(lambda rec: honest_reply(v1, rec) if SHARDS[0] in rec.path else Reply(404))
+    v2 = {name: make_shard(i, 2, name="v2") for i, name in enumerate(SHARDS)}
+    world.proxy.add_model("split", v2)
+    urls = {name: f"{first.url}/{name}" for name in SHARDS}
+    files = [{"filename": name} for name in SHARDS]
+    _entry(world, "split", SHARDS[0], files=files, sources=[{"type": "url", "urls": urls}])
+
+    resolved = world.resolver().resolve("split")
+
+    assert [p.read_bytes() for p in resolved.paths] == [v2[n] for n in SHARDS]
+    assert resolved.source == "llmlb-proxy"
+
+
+def test_a_whole_split_set_installs(world: World, serve: Callable[..., ScriptedServer]) -> None:
+    shards = {name: make_shard(i, 2) for i, name in enumerate(SHARDS)}
+    server = serve(lambda rec: honest_reply(shards[rec.path.rsplit("/", 1)[-1]], rec))
+    files = [{"filename": name} for name in SHARDS]
+    urls = {name: f"{server.url}/{name}" for name in SHARDS}
+    _entry(world, "split", SHARDS[0], files=files, sources=[{"type": "url", "urls": urls}])
+    resolved = world.resolver().resolve("split")
+    assert [p.read_bytes() for p in resolved.paths] == [shards[n] for n in SHARDS]
 
 
 # -- 5. a store shared by two catalogs -----------------------------------------------------------
