@@ -528,3 +528,22 @@ def _wait_up(base: str, auth: dict[str, str]) -> None:
         except httpx.HTTPError:
             time.sleep(0.1)
     raise AssertionError("the node did not start")
+
+
+def test_the_token_file_of_hf_auth_login_is_a_secret_too(
+    world: World, serve: Callable[..., ScriptedServer], llmlb_env: Any
+) -> None:
+    token = "hf_FromTheTokenFile9Xq2"
+    llmlb_env.hf_home.mkdir(parents=True, exist_ok=True)
+    (llmlb_env.hf_home / "token").write_text(token)
+    moved = f"ftp://files.example/{token}/tiny.gguf"
+    hub = serve(lambda rec: Reply(302, {"Location": moved, "X-Repo-Commit": "d" * 40}))
+    world.monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    world.proxy.refuse()
+
+    done = cli("-v", "pull", MODEL_ID)
+
+    assert done.returncode != 0
+    assert hub.requests[0].authorization == f"Bearer {token}"  # the token was in use
+    assert token not in done.stderr + done.stdout
+    assert not _grep_tree(world.home, [token])

@@ -18,6 +18,7 @@ from .. import __version__
 from ..catalog import ModelEntry, ModelFile
 from ..errors import CatalogError
 from ..origin import Origin, may_carry_secret
+from ..redact import remember
 from ..settings import Settings
 from .base import Remote, Source, check_origin, fail
 from .http_errors import describe_exception
@@ -121,9 +122,11 @@ class HuggingFaceSource(Source):
         try:
             from huggingface_hub import get_token
 
-            return get_token()  # also reads the token file `hf auth login` writes
+            token = get_token()  # also reads the token file `hf auth login` writes
         except Exception:  # noqa: BLE001 - a broken token file must not break anonymous access
             return None
+        remember(token)  # a secret like HF_TOKEN: no message may quote it
+        return token
 
     def _metadata(self, url: str, token: str | None) -> _FileMetadata:
         """The Hub's HEAD /resolve answer, retried on 429/5xx and transport errors."""
