@@ -36,7 +36,7 @@ _EXPORTS = {
     "ProgressEvent": "progress",
     "ModelInfo": "resolver",
     "ModelResolver": "resolver",
-    "ModelStatus": "resolver",
+    "ModelStatus": "status",
     "ResolvedModel": "resolver",
     "Settings": "settings",
 }
@@ -108,5 +108,6 @@ if TYPE_CHECKING:
     )
     from .lazy import LazyLlama
     from .progress import ProgressEvent
-    from .resolver import ModelInfo, ModelResolver, ModelStatus, ResolvedModel
+    from .resolver import ModelInfo, ModelResolver, ResolvedModel
     from .settings import Settings
+    from .status import ModelStatus

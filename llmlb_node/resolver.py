@@ -1,7 +1,9 @@
 """The resolution chain: local store -> catalog -> external sources -> llmlb proxy.
 
-Orchestrates the other modules (it owns no I/O details) and makes sure that any number of threads
-and processes asking for one model download it once.
+Decides what happens in which order (installed? which sources, in turn; who holds the model's
+lock; publish) and makes sure that any number of threads and processes asking for one model
+download it once. The bytes themselves are `download`'s, the files `store`'s, the status texts
+`status`'s and the state shared across resolvers `registry`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import status
 from .catalog import Catalog, ModelEntry, ModelFile, is_valid_id, load_catalogs
 from .errors import (
     NOT_TRIED,
@@ -37,7 +40,9 @@ from .progress import (
     event_from_status,
     read_status_file,
 )
+from .registry import REGISTRY, StoreState
 from .settings import Settings
+from .status import ModelStatus
 from .store import FOREIGN, InstallRecord, ModelStore, Partial, hostname, pid_alive
 
 if TYPE_CHECKING:
@@ -96,16 +101,16 @@ class Filling:
 
 
 @contextlib.contextmanager
-def _filling(store: str, model_id: str, filename: str, filling: Filling) -> Iterator[None]:
-    key = (store, model_id, filename)
-    with _FLIGHTS_LOCK:
-        _FILLING[key] = filling
+def _filling(state: StoreState, model_id: str, filename: str, filling: Filling) -> Iterator[None]:
+    key = (model_id, filename)
+    with REGISTRY.lock:
+        state.filling[key] = filling
     try:
         yield
     finally:
-        with _FLIGHTS_LOCK:
-            if _FILLING.get(key) is filling:
-                del _FILLING[key]
+        with REGISTRY.lock:
+            if state.filling.get(key) is filling:
+                del state.filling[key]
 
 
 @dataclass(frozen=True)
@@ -116,35 +121,6 @@ class DownloadActivity:
     """The live event of each download in flight, oldest first."""
     last: ProgressEvent | None
     """The final event (stage installed, failed or interrupted) of the last one to finish."""
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """llmlb's ModelResolutionStatus for one model."""
-
-    model_id: str
-    status: str
-    """local (installed; no download of it recorded), completed (installed by the download
-    recorded in the store), waiting, downloading, interrupted (stopped part way; the next
-    resolve resumes it), error (the last download failed), or missing (not installed, idle)."""
-    progress: float
-    downloaded_bytes: int
-    total_bytes: int | None
-    local_path: str | None
-    error_message: str | None = None
-    source: str | None = None
-    bytes_per_s: float = 0.0
-    pid: int | None = None
-    failures: tuple[dict[str, str], ...] = ()
-    architecture: str | None = None
-    """``general.architecture`` from the installed GGUF's header (e.g. ``gemma3``)."""
-    """After a failed download: each source's ``{"source", "kind", "message"}``, in order."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``json.dumps(status.to_dict())`` (failures become a list)."""
-        data = asdict(self)
-        data["failures"] = [dict(f) for f in self.failures]
-        return data
 
 
 @dataclass(frozen=True)
@@ -181,6 +157,16 @@ class ModelInfo:
         return data
 
 
+@dataclass
+class _Tried:
+    """What the sources tried so far for one install said."""
+
+    failures: list[SourceFailure] = field(default_factory=list)
+    disk_errors: list[InsufficientDiskSpaceError] = field(default_factory=list)
+    arch_checked: bool = False
+    """Whether the main file's architecture was checked (once, whichever source gives it)."""
+
+
 class _Flight:
     """One in-process download that every thread asking for the same model shares."""
 
@@ -191,37 +177,39 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-# Shared by every resolver in the process, so two resolvers on one store still download once.
-_FLIGHTS: dict[tuple[str, str], _Flight] = {}
-_FLIGHTS_LOCK = threading.Lock()
-_SLOTS: threading.BoundedSemaphore | None = None
-# The files being downloaded in this process now: (store, model id, filename) -> Filling.
-_FILLING: dict[tuple[str, str, str], Filling] = {}
-# The final event of the last download each store's resolvers finished in this process.
-_LAST_FINISHED: dict[str, ProgressEvent] = {}
+@dataclass(frozen=True)
+class _Locked:
+    """The model's cross-process lock is ours."""
+
+    lock: Any
 
 
-# Installed models seen by any resolver in the process: (store, catalog), id -> (result, stamps).
-_INSTALLED: dict[
-    tuple[tuple[str, str], str], tuple[ResolvedModel, tuple[tuple[str, int, int], ...]]
-]
-_INSTALLED = {}
-# Parsed catalogs by path, valid while the file's (mtime, size) stays the same.
-_CATALOGS: dict[tuple[str, ...], tuple[tuple[tuple[int, int], ...], Catalog]] = {}
+@dataclass(frozen=True)
+class _InstalledMeanwhile:
+    """Another process installed the model while we waited for its lock."""
+
+    record: InstallRecord
 
 
-def _shared_catalog(paths: tuple[Path, ...]) -> Catalog:
+@dataclass(frozen=True)
+class _HolderGone:
+    """The lock's holder is gone (exited, or silent for several stall windows): go on without."""
+
+    why: str
+
+
+def _shared_catalog(state: StoreState, paths: tuple[Path, ...]) -> Catalog:
     """The layered catalog of `paths`, parsed again only when one of the files changed."""
     try:
         stamps = tuple((st.st_mtime_ns, st.st_size) for st in map(os.stat, paths))
     except OSError:
         return load_catalogs(paths)  # raises CatalogError naming the file
-    key = tuple(map(str, paths))
-    cached = _CATALOGS.get(key)
+    key = os.pathsep.join(map(str, paths))
+    cached = state.catalogs.get(key)
     if cached is not None and cached[0] == stamps:
         return cached[1]
     catalog = load_catalogs(paths)
-    _CATALOGS[key] = (stamps, catalog)
+    state.catalogs[key] = (stamps, catalog)
     return catalog
 
 
@@ -258,14 +246,6 @@ def _warn_other_platform(entry: ModelEntry) -> None:
         )
 
 
-def _slots(n: int) -> threading.BoundedSemaphore:
-    global _SLOTS
-    with _FLIGHTS_LOCK:
-        if _SLOTS is None:
-            _SLOTS = threading.BoundedSemaphore(n)
-        return _SLOTS
-
-
 class ModelResolver:
     """Resolve model ids to verified local files. `ModelResolver()` reads the environment."""
 
@@ -282,8 +262,9 @@ class ModelResolver:
         self._source_factory = sources
         self._downloader: Downloader | None = None
         self._init_lock = threading.Lock()
-        layers = os.pathsep.join(str(p) for p in self.settings.catalog_layers)
-        self._cache_key = (str(self.settings.models_dir), layers)
+        self._layers = os.pathsep.join(str(p) for p in self.settings.catalog_layers)
+        self._shared = REGISTRY.store(str(self.settings.models_dir))
+        """What every resolver on this store shares (downloads in flight, installs seen, ...)."""
 
     # -- public API -----------------------------------------------------------------------
     @property
@@ -291,7 +272,7 @@ class ModelResolver:
         if self._catalog is None:
             with self._init_lock:
                 if self._catalog is None:
-                    self._catalog = _shared_catalog(self.settings.catalog_layers)
+                    self._catalog = _shared_catalog(self._shared, self.settings.catalog_layers)
         return self._catalog
 
     def resolve(self, model_id: str, *, progress: ProgressCallback | None = None) -> ResolvedModel:
@@ -307,13 +288,7 @@ class ModelResolver:
             return found
         # UnsupportedModelError (UnrunnableModelError for a non-GGUF), before any network
         entry = self._entry(model_id, reference)
-        key = (str(self.settings.models_dir), model_id)
-        with _FLIGHTS_LOCK:
-            flight = _FLIGHTS.get(key)
-            owner = flight is None
-            if flight is None:
-                flight = _Flight(Monitor(model_id, self.store.status_path(model_id)))
-                _FLIGHTS[key] = flight
+        flight, owner = self._board(model_id)
         flight.monitor.subscribe(progress)
         if not owner:
             flight.done.wait()
@@ -321,6 +296,20 @@ class ModelResolver:
                 raise flight.error
             assert flight.result is not None
             return flight.result
+        return self._fly(entry, flight)
+
+    def _board(self, model_id: str) -> tuple[_Flight, bool]:
+        """The model's in-process download, and whether this caller starts (owns) it."""
+        with REGISTRY.lock:
+            flight = self._shared.flights.get(model_id)
+            if flight is not None:
+                return flight, False
+            flight = _Flight(Monitor(model_id, self.store.status_path(model_id)))
+            self._shared.flights[model_id] = flight
+            return flight, True
+
+    def _fly(self, entry: ModelEntry, flight: _Flight) -> ResolvedModel:
+        """Run the download `flight` stands for; every caller sharing it gets its outcome."""
         try:
             flight.result = self._download(entry, flight.monitor)
             return flight.result
@@ -330,9 +319,9 @@ class ModelResolver:
                 self._record_failure(entry, flight.monitor, exc)
             raise
         finally:
-            with _FLIGHTS_LOCK:
-                _FLIGHTS.pop(key, None)
-                _LAST_FINISHED[key[0]] = flight.monitor.event
+            with REGISTRY.lock:
+                self._shared.flights.pop(entry.id, None)
+                self._shared.last_finished = flight.monitor.event
             flight.monitor.close()
             flight.done.set()
 
@@ -402,8 +391,8 @@ class ModelResolver:
         and mtime as the verified install) is proof enough; any change goes back to the record.
         """
         model_id = self.canonical_id(model_id)
-        key = (self._cache_key, model_id)
-        hit = _INSTALLED.get(key)
+        key = (self._layers, model_id)
+        hit = self._shared.installed.get(key)
         if hit is not None:
             resolved, stamps = hit
             for path, size, mtime_ns in stamps:
@@ -415,7 +404,7 @@ class ModelResolver:
                     break
             else:
                 return resolved
-            _INSTALLED.pop(key, None)
+            self._shared.installed.pop(key, None)
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id, str(self.settings.catalog_path))
         entry = self.catalog.find(model_id)
@@ -428,7 +417,7 @@ class ModelResolver:
         stamps = tuple(
             (str(p), f.size, f.mtime_ns) for p, f in zip(resolved.paths, record.files, strict=True)
         )
-        _INSTALLED[key] = (resolved, stamps)
+        self._shared.installed[key] = (resolved, stamps)
         return resolved
 
     def path(self, model_id: str) -> Path:
@@ -467,7 +456,7 @@ class ModelResolver:
             raise InvalidModelIdError(model_id)
         from filelock import Timeout
 
-        if (str(self.settings.models_dir), model_id) in _FLIGHTS:
+        if model_id in self._shared.flights:
             raise _busy(model_id, f"this process (pid {os.getpid()})")
         lock = None
         if self.store.meta_dir(model_id).is_dir():  # else no download ever started here
@@ -479,7 +468,7 @@ class ModelResolver:
                 holder = f"pid {data.get('pid')} on {data.get('host')}" if data else "a process"
                 raise _busy(model_id, holder) from None
         try:
-            _INSTALLED.pop((self._cache_key, model_id), None)
+            self._shared.installed.pop((self._layers, model_id), None)
             return self.store.remove(model_id)
         finally:
             if lock is not None:
@@ -562,16 +551,15 @@ class ModelResolver:
 
     def activity(self) -> DownloadActivity:
         """What this process is downloading into the store, from memory: never any I/O."""
-        root = str(self.settings.models_dir)
-        with _FLIGHTS_LOCK:
-            running = tuple(f.monitor.event for (d, _), f in _FLIGHTS.items() if d == root)
-            return DownloadActivity(running, _LAST_FINISHED.get(root))
+        with REGISTRY.lock:
+            running = tuple(f.monitor.event for f in self._shared.flights.values())
+            return DownloadActivity(running, self._shared.last_finished)
 
     def filling(self, model_id: str, filename: str) -> Filling | None:
         """The file this process is downloading for `model_id` now, else None (memory only):
         what lets a node serve a file to another while it still arrives."""
-        with _FLIGHTS_LOCK:
-            return _FILLING.get((self._cache_key[0], model_id, filename))
+        with REGISTRY.lock:
+            return self._shared.filling.get((model_id, filename))
 
     def close(self) -> None:
         if self._downloader is not None:
@@ -608,30 +596,38 @@ class ModelResolver:
 
     def _download(self, entry: ModelEntry, monitor: Monitor) -> ResolvedModel:
         _warn_other_platform(entry)
-        slots = _slots(self.settings.max_concurrent_downloads)
-        if not slots.acquire(blocking=False):
+        slots, limit = REGISTRY.slots, self.settings.max_concurrent_downloads
+        if not slots.try_acquire(limit):
             monitor.stage("waiting", message="queued behind other downloads")
-            slots.acquire()
+            slots.acquire(limit)
         try:
-            lock = self._lock_or_installed(entry, monitor)
-            if isinstance(lock, InstallRecord):
-                return self._finish(entry, lock, monitor, "local")
-            try:
-                record = self.store.lookup(entry.id, entry)
-                if record is not None:  # finished by someone else while we queued
-                    return self._finish(entry, record, monitor, "local")
-                monitor.hold_status(heartbeat=min(5.0, self._stale_after() / 4))
-                return self._fetch(entry, monitor)
-            except BaseException as exc:
-                # While we still own the status file (and the lock, when we got it).
-                self._record_failure(entry, monitor, exc, locked=lock is not None)
-                raise
-            finally:
-                monitor.release_status()  # before the lock: the next holder's status is its own
-                if lock is not None:
-                    lock.release()
+            outcome = self._wait_for_lock(entry, monitor)
+            if isinstance(outcome, _InstalledMeanwhile):
+                return self._finish(entry, outcome.record, monitor, "local")
+            return self._download_locked(entry, monitor, outcome)
         finally:
             slots.release()
+
+    def _download_locked(
+        self, entry: ModelEntry, monitor: Monitor, outcome: _Locked | _HolderGone
+    ) -> ResolvedModel:
+        """Download under the model's lock (or without it, its holder gone), owning the status
+        file meanwhile."""
+        lock = outcome.lock if isinstance(outcome, _Locked) else None
+        try:
+            record = self.store.lookup(entry.id, entry)
+            if record is not None:  # finished by someone else while we queued
+                return self._finish(entry, record, monitor, "local")
+            monitor.hold_status(heartbeat=min(5.0, self._stale_after() / 4))
+            return self._fetch(entry, monitor)
+        except BaseException as exc:
+            # While we still own the status file (and the lock, when we got it).
+            self._record_failure(entry, monitor, exc, locked=lock is not None)
+            raise
+        finally:
+            monitor.release_status()  # before the lock: the next holder's status is its own
+            if lock is not None:
+                lock.release()
 
     def _model_lock(self, model_id: str) -> Any:
         """The model's cross-process lock (a filelock.FileLock, not yet taken).
@@ -646,12 +642,14 @@ class ModelResolver:
         path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(path), thread_local=False)
 
-    def _lock_or_installed(self, entry: ModelEntry, monitor: Monitor) -> Any:
-        """Take the model's cross-process lock, or return the record another process installed.
+    def _wait_for_lock(
+        self, entry: ModelEntry, monitor: Monitor
+    ) -> _Locked | _InstalledMeanwhile | _HolderGone:
+        """Take the model's cross-process lock; or learn that another process installed it, or
+        that the lock's holder is gone (its pid is dead on this host, or, on another host, its
+        heartbeat has not moved for several stall windows).
 
-        A waiter only reads the holder's status file (it never writes it). Returns None (go on
-        without the lock) only when the holder is gone: its pid is dead on this host, or (on
-        another host) its heartbeat has not moved for several stall windows. A holder alive on
+        A waiter only reads the holder's status file (it never writes it). A holder alive on
         this host is never taken over, whatever its heartbeat says (a SIGSTOPped one would go on
         writing when continued): after a stale window without its progress the waiter gives up
         with `ModelBusyError`. Correctness never depends on the lock: every writer has its own
@@ -660,59 +658,106 @@ class ModelResolver:
         from filelock import Timeout
 
         lock = self._model_lock(entry.id)
-        stale_after = self._stale_after()
         waiting_since = time.monotonic()
-        watch = _Holder(entry.id, stale_after)
+        watch = _Holder(entry.id, self._stale_after())
         announced = False
         while True:
             try:
                 lock.acquire(timeout=0.1, poll_interval=0.01)
-                return lock
+                return _Locked(lock)
             except Timeout:
                 pass
             record = self.store.lookup(entry.id, entry)
             if record is not None:
-                return record
+                return _InstalledMeanwhile(record)
             data = _others_status(read_status_file(self.store.status_path(entry.id)))
             if not announced:
                 announced = True
-                holder = (
-                    f"pid {data.get('pid')} on {data.get('host')}" if data else "another process"
-                )
-                log.info("%s: %s is downloading it; waiting", entry.id, holder)
-                monitor.stage("waiting", message=f"{holder} is downloading it")
+                self._announce_wait(entry, monitor, data)
+            gone = self._holder_gone(entry, monitor, data, time.monotonic() - waiting_since, watch)
+            if gone is not None:
+                return gone
+
+    def _announce_wait(
+        self, entry: ModelEntry, monitor: Monitor, data: dict[str, Any] | None
+    ) -> None:
+        holder = f"pid {data.get('pid')} on {data.get('host')}" if data else "another process"
+        log.info("%s: %s is downloading it; waiting", entry.id, holder)
+        monitor.stage("waiting", message=f"{holder} is downloading it")
+
+    def _holder_gone(
+        self,
+        entry: ModelEntry,
+        monitor: Monitor,
+        data: dict[str, Any] | None,
+        waited: float,
+        watch: _Holder,
+    ) -> _HolderGone | None:
+        """Relay the holder's progress; `_HolderGone` once it cannot be holding the lock, or
+        `ModelBusyError` at this waiter's own deadline (`_Holder`)."""
+        stale_after = self._stale_after()
+        watch.observe(data, monitor, self.settings.stall_timeout)
+        if data is not None:
+            other = event_from_status(data)
+            if other.stage in ("downloading", "verifying") and not watch.quiet:
+                monitor.relay(other)
+            why = _why_gone(data, stale_after)
             # The grace covers a new holder that has not written its first status yet.
-            grace_over = time.monotonic() - waiting_since > min(stale_after, 1.0)
-            watch.observe(data, monitor, self.settings.stall_timeout)
-            if data is not None:
-                other = event_from_status(data)
-                if other.stage in ("downloading", "verifying") and not watch.quiet:
-                    monitor.relay(other)
-                why = _holder_gone(data, stale_after)
-                if why is not None and grace_over:
-                    log.warning(
-                        "%s: the download held by pid %s on %s %s; taking over",
-                        entry.id,
-                        data.get("pid"),
-                        data.get("host"),
-                        why,
-                    )
-                    return None
-            # The lock is held, so its holder lives (the kernel drops a dead one's lock): wait
-            # for it, up to this waiter's own deadline.
-            watch.check_deadline()
+            if why is not None and waited > min(stale_after, 1.0):
+                log.warning(
+                    "%s: the download held by pid %s on %s %s; taking over",
+                    entry.id,
+                    data.get("pid"),
+                    data.get("host"),
+                    why,
+                )
+                return _HolderGone(why)
+        # The lock is held, so its holder lives (the kernel drops a dead one's lock): wait
+        # for it, up to this waiter's own deadline.
+        watch.check_deadline()
+        return None
 
     def _stale_after(self) -> float:
         return self.settings.stall_timeout * (self.settings.max_stalls + 1)
 
     def _fetch(self, entry: ModelEntry, monitor: Monitor) -> ResolvedModel:
-        store = self.store
-        done = store.verified_files(entry.id, entry)
+        """Install `entry` from files other tools hold, else from each source in turn."""
+        done = self.store.verified_files(entry.id, entry)
         todo = [f for f in entry.files if f.filename not in done]
         reused = self._reuse(entry, todo, monitor)
         if reused and len(reused) == len(todo):
             return self._install_reused(entry, todo, reused, monitor)
         todo = [f for f in todo if f.filename not in reused]
+        self._check_space(entry, todo)
+        ready: dict[str, Any] = dict(reused)  # filename -> Fetched (or reuse.Reused)
+        tried = _Tried(arch_checked=entry.filename in done or entry.filename in reused)
+        for source in self._sources(entry):
+            monitor.failures = [_failure_row(f) for f in tried.failures]  # shown meanwhile
+            ready = _one_source(ready, reused)
+            if not self._fetch_from(source, entry, todo, ready, monitor, tried):
+                continue
+            problem = self._split_set_problem(entry, ready)
+            if problem is not None:
+                tried.failures.append(SourceFailure(source.label, "integrity", problem))
+                log.info("%s: %s: %s [integrity]", entry.id, source.label, problem)
+                continue
+            record = self._publish(entry, todo, ready, source, monitor, tried)
+            if record is None:
+                continue
+            log.info(
+                "%s: installed from %s at %s%s",
+                entry.id,
+                source.label,
+                self.store.file_path(entry.id, record.files[0].filename),
+                _fallback_note(tried.failures),
+            )
+            return self._finish(entry, record, monitor, source.label)
+        if tried.disk_errors:  # no source fitted: the disk is what the user must act on (exit 5)
+            raise tried.disk_errors[0]
+        raise ModelDownloadError(entry.id, tried.failures)
+
+    def _check_space(self, entry: ModelEntry, todo: list[ModelFile]) -> None:
+        store = self.store
         needed = sum(
             max((f.expected_size or 0) - store.partial_bytes(entry.id, f.filename), 0) for f in todo
         )
@@ -720,111 +765,105 @@ class ModelResolver:
         if needed > free:
             raise InsufficientDiskSpaceError(store.model_dir(entry.id), needed, free)
 
+    def _fetch_from(
+        self,
+        source: Source,
+        entry: ModelEntry,
+        todo: list[ModelFile],
+        ready: dict[str, Any],
+        monitor: Monitor,
+        tried: _Tried,
+    ) -> bool:
+        """Fetch every file not yet `ready` from `source`; False (the cause noted) if it fails."""
+        try:
+            for i, f in enumerate(todo):
+                if f.filename not in ready:
+                    rest = sum((g.expected_size or 0) for g in todo[i + 1 :])
+                    ready[f.filename] = self._fetch_file(source, entry, f, rest, monitor, tried)
+            return True
+        except SourceError as exc:
+            # INFO: the next source may well succeed. If none does, ModelDownloadError
+            # carries every cause to the caller, who decides how loud to be.
+            tried.failures.append(exc.failure)
+            log.info("%s: %s [%s]", entry.id, exc.failure, exc.failure.kind)
+        except DownloadStalledError as exc:
+            tried.failures.append(SourceFailure(exc.source, "stalled", str(exc)))
+            log.info("%s: %s [stalled]", entry.id, exc)
+        except InsufficientDiskSpaceError as exc:
+            # The size behind this may be one only this server stated (a lying one can claim
+            # a petabyte): it is this source's failure, and the next source may fit. When
+            # no source succeeds, the disk error itself is raised.
+            tried.disk_errors.append(exc)
+            tried.failures.append(SourceFailure(source.label, "disk", str(exc)))
+            log.info("%s: %s: %s [disk]", entry.id, source.label, exc)
+        return False
+
+    def _fetch_file(
+        self,
+        source: Source,
+        entry: ModelEntry,
+        f: ModelFile,
+        rest: int,
+        monitor: Monitor,
+        tried: _Tried,
+    ) -> Fetched:
+        """One file from `source` into a partial of its own (resuming one the rules allow); the
+        main file's architecture is checked before its weights (`archcheck`)."""
         from .download import can_resume
 
-        downloader = self._get_downloader()
-        ready: dict[str, Fetched] = dict(reused)  # type: ignore[arg-type]
-        failures: list[SourceFailure] = []
-        disk_errors: list[InsufficientDiskSpaceError] = []
-        stale_after = self._stale_after()
-        checked = entry.filename in done or entry.filename in reused
-        for source in self._sources(entry):
-            monitor.failures = [_failure_row(f) for f in failures]  # shown while the next runs
-            ready = _one_source(ready, reused)
+        monitor.stage("resolving", source=source.label, filename=f.filename)
+        remote = source.locate(entry, f)
+        if f.filename == entry.filename and not tried.arch_checked:
+            tried.arch_checked = self._check_architecture(entry, f, remote)
+        size = remote.size if remote.size is not None else f.expected_size
+        monitor.file_started(f.filename, remote.source, size, rest)
+        partial = self.store.claim_partial(
+            entry.id,
+            f.filename,
+            self._stale_after(),
+            accept=lambda meta: can_resume(meta, remote, f),
+        )
+        exact = remote.size if remote.size is not None else f.size_bytes
+        filling = Filling(partial, exact, f.sha256 or remote.sha256)
+        with _filling(self._shared, entry.id, f.filename, filling):
+            fetched = self._get_downloader().fetch(remote, partial, f, monitor.bytes)
+            filling.proven.set()
+        monitor.file_done(fetched.size)
+        return fetched
+
+    def _publish(
+        self,
+        entry: ModelEntry,
+        todo: list[ModelFile],
+        ready: dict[str, Any],
+        source: Source,
+        monitor: Monitor,
+        tried: _Tried,
+    ) -> InstallRecord | None:
+        """Install the verified files (with the revision `source` pinned); None (the cause
+        noted, `ready` emptied) when they were removed before the rename."""
+        monitor.stage("verifying")
+        store, label = self.store, source.label
+        if store.lookup(entry.id, entry) is None:  # else another writer won the race
+            picked = [(f.filename, ready[f.filename]) for f in todo]
+            files = [(Path(r.path), name, r.size, r.sha256) for name, r in picked]
             try:
-                for i, f in enumerate(todo):
-                    if f.filename in ready:
-                        continue
-                    monitor.stage("resolving", source=source.label, filename=f.filename)
-                    remote = source.locate(entry, f)
-                    if f.filename == entry.filename and not checked:
-                        checked = self._check_architecture(entry, f, remote)
-                    rest = sum((g.expected_size or 0) for g in todo[i + 1 :])
-                    size = remote.size if remote.size is not None else f.expected_size
-                    monitor.file_started(f.filename, remote.source, size, rest)
-                    partial = store.claim_partial(
-                        entry.id,
-                        f.filename,
-                        stale_after,
-                        accept=lambda meta, r=remote, f=f: can_resume(meta, r, f),
-                    )
-                    exact = remote.size if remote.size is not None else f.size_bytes
-                    filling = Filling(partial, exact, f.sha256 or remote.sha256)
-                    with _filling(self._cache_key[0], entry.id, f.filename, filling):
-                        ready[f.filename] = downloader.fetch(remote, partial, f, monitor.bytes)
-                        filling.proven.set()
-                    monitor.file_done(ready[f.filename].size)
-            except SourceError as exc:
-                # INFO: the next source may well succeed. If none does, ModelDownloadError
-                # carries every cause to the caller, who decides how loud to be.
-                failures.append(exc.failure)
-                log.info("%s: %s [%s]", entry.id, exc.failure, exc.failure.kind)
-                continue
-            except DownloadStalledError as exc:
-                failures.append(SourceFailure(exc.source, "stalled", str(exc)))
-                log.info("%s: %s [stalled]", entry.id, exc)
-                continue
-            except InsufficientDiskSpaceError as exc:
-                # The size behind this may be one only this server stated (a lying one can claim
-                # a petabyte): it is this source's failure, and the next source may fit. When
-                # no source succeeds, the disk error itself is raised below.
-                disk_errors.append(exc)
-                failures.append(SourceFailure(source.label, "disk", str(exc)))
-                log.info("%s: %s: %s [disk]", entry.id, source.label, exc)
-                continue
-            problem = self._split_set_problem(entry, ready)
-            if problem is not None:
-                failures.append(SourceFailure(source.label, "integrity", problem))
-                log.info("%s: %s: %s [integrity]", entry.id, source.label, problem)
-                continue
-            monitor.stage("verifying")
-            if store.lookup(entry.id, entry) is None:  # else another writer won the race
-                try:
-                    store.publish(
-                        entry.id,
-                        [
-                            (
-                                Path(ready[f.filename].path),
-                                f.filename,
-                                ready[f.filename].size,
-                                ready[f.filename].sha256,
-                            )
-                            for f in todo
-                        ],
-                        source.label,
-                        order=[f.filename for f in entry.files],
-                        revision=source.pinned,
-                    )
-                except FileNotFoundError as exc:  # removed by hand before the rename
-                    message = f"downloaded files were removed before install ({exc.filename})"
-                    failures.append(SourceFailure(source.label, "disk", message))
-                    log.info("%s: %s: %s [disk]", entry.id, source.label, message)
-                    ready.clear()
-                    continue
-            else:
-                for fetched in ready.values():
-                    Path(fetched.path).unlink(missing_ok=True)
-            record = store.lookup(entry.id, entry)
-            if record is None:
-                raise ModelDownloadError(
-                    entry.id,
-                    [
-                        SourceFailure(
-                            source.label, "integrity", "installed files changed during install"
-                        )
-                    ],
-                )
-            log.info(
-                "%s: installed from %s at %s%s",
-                entry.id,
-                source.label,
-                store.file_path(entry.id, record.files[0].filename),
-                _fallback_note(failures),
-            )
-            return self._finish(entry, record, monitor, source.label)
-        if disk_errors:  # no source fitted: the disk is what the user must act on (exit 5)
-            raise disk_errors[0]
-        raise ModelDownloadError(entry.id, failures)
+                order = [f.filename for f in entry.files]
+                store.publish(entry.id, files, label, order=order, revision=source.pinned)
+            except FileNotFoundError as exc:  # removed by hand before the rename
+                message = f"downloaded files were removed before install ({exc.filename})"
+                tried.failures.append(SourceFailure(label, "disk", message))
+                log.info("%s: %s: %s [disk]", entry.id, label, message)
+                ready.clear()
+                return None
+        else:
+            for fetched in ready.values():
+                Path(fetched.path).unlink(missing_ok=True)
+        record = store.lookup(entry.id, entry)
+        if record is None:
+            failure = SourceFailure(label, "integrity", "installed files changed during install")
+            raise ModelDownloadError(entry.id, [failure])
+        return record
 
     def _split_set_problem(self, entry: ModelEntry, ready: dict[str, Any]) -> str | None:
         """Why the model's GGUF files, about to be installed together, are not one model (a
@@ -939,62 +978,41 @@ class ModelResolver:
 
     # -- status ---------------------------------------------------------------------------
     def _status(self, model_id: str) -> ModelStatus:
-        status = self._download_status(model_id)
-        why = self.unusable(model_id) if status.status != "downloading" else None
-        return status if why is None else replace(status, status="error", error_message=why)
+        """One model's status (`_download_status`); an architecture this llama.cpp cannot load
+        shows as an error."""
+        shown = self._download_status(model_id)
+        why = self.unusable(model_id) if shown.status != "downloading" else None
+        return shown if why is None else replace(shown, status="error", error_message=why)
 
     def _download_status(self, model_id: str) -> ModelStatus:
+        """A download of it in this process, else what the store and the status file left by
+        the last download say (`status`)."""
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id)
-        flight = _FLIGHTS.get((str(self.settings.models_dir), model_id))
+        flight = self._shared.flights.get(model_id)
         if flight is not None:
-            live = _from_event(flight.monitor.event, None, os.getpid())
-            return replace(live, failures=tuple(flight.monitor.failures))
+            return status.from_event(
+                flight.monitor.event, os.getpid(), tuple(flight.monitor.failures)
+            )
         found = self.installed(model_id)
         data = read_status_file(self.store.status_path(model_id))
         if found is not None:
-            completed = data is not None and data.get("stage") == "installed"
-            size = sum(p.stat().st_size for p in found.paths if p.exists())
-            return ModelStatus(
-                model_id,
-                "completed" if completed else "local",
-                1.0,
-                size,
-                size,
-                str(found.path),
-                source=data.get("source") if data else "local",
-                architecture=architecture(found.path),
-            )
+            return status.installed(model_id, found.paths, data, architecture(found.path))
         damage = self.store.damage(model_id)
         if damage is not None:
-            message = f"damaged: {damage}; `llmlb-node pull {model_id}` downloads it again"
-            return ModelStatus(model_id, "error", 0.0, 0, None, None, error_message=message)
+            return status.error(
+                model_id, f"damaged: {damage}; `llmlb-node pull {model_id}` downloads it again"
+            )
         entry = self.catalog.find(model_id)
         other = self.store.foreign(model_id, entry) if entry is not None else None
         if other is not None:
-            message = f"{FOREIGN}: {other}; `llmlb-node pull {model_id}` replaces it"
-            return ModelStatus(model_id, "error", 0.0, 0, None, None, error_message=message)
-        if data is not None:
-            event = event_from_status(data)
-            pid = data.get("pid")
-            alive = data.get("host") != hostname() or (isinstance(pid, int) and pid_alive(pid))
-            fresh = time.time() - float(data.get("updated_at") or 0) < self._stale_after()
-            if event.stage == "failed":
-                failures = data.get("failures")
-                status = _from_event(event, event.message or "download failed", pid)
-                if isinstance(failures, list):
-                    kept = tuple(_failure_dict(f) for f in failures if isinstance(f, dict))
-                    status = replace(status, failures=kept)
-                return status
-            if event.stage not in ("installed", "interrupted") and not (alive and fresh):
-                # The downloading process is gone (killed): its partial is resumable.
-                event = replace(event, stage="interrupted")
-            if event.stage != "installed":
-                return _from_event(event, None, pid)
-        total = None
-        if model_id in self.catalog:
-            total = self.catalog.get(model_id).total_size
-        return ModelStatus(model_id, "missing", 0.0, 0, total, None)
+            return status.error(
+                model_id, f"{FOREIGN}: {other}; `llmlb-node pull {model_id}` replaces it"
+            )
+        recorded = status.from_status_file(data, self._stale_after()) if data else None
+        if recorded is not None:
+            return recorded
+        return status.missing(model_id, entry.total_size if entry is not None else None)
 
 
 def _failure_row(failure: SourceFailure) -> dict[str, str]:
@@ -1013,10 +1031,6 @@ def _one_source(ready: dict[str, Any], reused: dict[str, Any]) -> dict[str, Any]
 def _ready_path(store: ModelStore, entry: ModelEntry, ready: dict[str, Any], name: str) -> Path:
     fetched = ready.get(name)
     return Path(fetched.path) if fetched is not None else store.file_path(entry.id, name)
-
-
-def _failure_dict(data: dict[str, Any]) -> dict[str, str]:
-    return {k: str(data.get(k) or "") for k in ("source", "kind", "message")}
 
 
 def _fallback_note(failures: list[SourceFailure]) -> str:
@@ -1086,7 +1100,7 @@ class _Holder:
             )
 
 
-def _holder_gone(data: dict[str, Any], stale_after: float) -> str | None:
+def _why_gone(data: dict[str, Any], stale_after: float) -> str | None:
     """Why the status file's writer cannot be holding the lock any more, or None if it may.
 
     On this host only a dead pid is gone: a live one (even SIGSTOPped, its heartbeat stale)
@@ -1098,31 +1112,3 @@ def _holder_gone(data: dict[str, Any], stale_after: float) -> str | None:
     if quiet > stale_after:
         return f"has not written a heartbeat for {quiet:.0f}s"
     return None
-
-
-def _from_event(event: ProgressEvent, error: str | None, pid: int | None) -> ModelStatus:
-    if error is not None:
-        status = "error"
-    elif event.stage in ("resolving", "waiting"):
-        status = "waiting"
-    elif event.stage == "installed":
-        status = "completed"
-    elif event.stage == "failed":
-        status = "error"
-        error = event.message
-    elif event.stage == "interrupted":
-        status = "interrupted"
-    else:
-        status = "downloading"
-    return ModelStatus(
-        model_id=event.model_id,
-        status=status,
-        progress=event.fraction or (1.0 if status == "completed" else 0.0),
-        downloaded_bytes=event.downloaded,
-        total_bytes=event.total,
-        local_path=event.message if status == "completed" else None,
-        error_message=error,
-        source=event.source,
-        bytes_per_s=event.bytes_per_s,
-        pid=pid,
-    )

@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gguf import make_gguf, sha256_hex
@@ -126,15 +127,10 @@ def test_waiting_threads_receive_progress_events(world: World) -> None:
     assert seen["waiter"][-1].downloaded == len(world.content)
 
 
-def test_different_models_download_concurrently_up_to_the_limit(world: World, monkeypatch) -> None:  # noqa: ANN001
-    import llmlb_node.resolver as resolver_module
-
-    monkeypatch.setattr(resolver_module, "_SLOTS", None)  # a fresh per-process limit of 2
-    for name in ("m1", "m2", "m3"):
-        world.add_model(name, {f"{name}.gguf": make_gguf(400_000, seed=len(name))})
-    world.hub.cdn.rate_limit(400_000)  # a second each: m1 and m2 still run when m3 asks
-    resolver = world.resolver(max_concurrent_downloads=2)
-    events: dict[str, list[str]] = {n: [] for n in ("m1", "m2", "m3")}
+def _resolve_in_turn(resolver: Any, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """Start one thread per model, each once the one before holds its slot (or waits for
+    one); the stages each saw."""
+    events: dict[str, list[str]] = {n: [] for n in names}
     threads = [
         threading.Thread(
             target=lambda n=n: resolver.resolve(
@@ -144,18 +140,38 @@ def test_different_models_download_concurrently_up_to_the_limit(world: World, mo
         for n in events
     ]
     for (name, stages), t in zip(events.items(), threads, strict=True):
-        t.start()  # each in turn, once the one before holds its slot (or waits for one)
+        t.start()
         deadline = time.monotonic() + 30
         while "downloading" not in stages and "waiting" not in stages:
             assert time.monotonic() < deadline, (name, stages)
             time.sleep(0.005)
     for t in threads:
         t.join()
+    assert all(stages[-1] == "installed" for stages in events.values())
+    return events
+
+
+def test_different_models_download_concurrently_up_to_the_limit(world: World) -> None:
+    for name in ("m1", "m2", "m3"):
+        world.add_model(name, {f"{name}.gguf": make_gguf(400_000, seed=len(name))})
+    world.hub.cdn.rate_limit(400_000)  # a second each: m1 and m2 still run when m3 asks
+
+    events = _resolve_in_turn(world.resolver(max_concurrent_downloads=2), ("m1", "m2", "m3"))
 
     queued = [n for n, stages in events.items() if "waiting" in stages]
     assert queued == ["m3"]  # two ran at once, the third waited for a slot
-    assert all(stages[-1] == "installed" for stages in events.values())
-    monkeypatch.setattr(resolver_module, "_SLOTS", None)
+
+
+def test_the_download_limit_is_the_settings_in_force(world: World) -> None:
+    # A resolver with a limit of 1 downloads first; one made later with 3 is not held to it.
+    for name in ("n0", "n1", "n2", "n3"):
+        world.add_model(name, {f"{name}.gguf": make_gguf(400_000, seed=len(name) + 7)})
+    world.resolver(max_concurrent_downloads=1).resolve("n0")
+    world.hub.cdn.rate_limit(400_000)
+
+    events = _resolve_in_turn(world.resolver(max_concurrent_downloads=3), ("n1", "n2", "n3"))
+
+    assert not [n for n, stages in events.items() if "waiting" in stages], events
 
 
 def test_four_processes_times_eight_threads_download_once(world: World) -> None:
