@@ -9,6 +9,7 @@ is in tests/e2e/test_ui.py.
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -171,15 +172,24 @@ def _polls(node: object) -> int:
     return node.log.count("GET /api/ps ")  # type: ignore[attr-defined]
 
 
-def test_a_node_that_stops_answering_is_unreachable_on_the_page(
+def test_a_hung_or_stopped_node_is_unreachable_on_the_page_until_it_answers_again(
     world: World, chromium: object, tmp_path: Path
 ) -> None:
     with running_node() as node:
         tab = open_tab(chromium, f"{node.url}/?poll=200", tmp_path / "screenshots")
-        tab.page.wait_for_selector("#health-badge[data-status=online]")
-        node.stop()
-        tab.page.wait_for_selector("#health-badge:has-text('unreachable')", timeout=15_000)
-        tab.shot("unreachable")
+        page = tab.page
+        page.wait_for_selector("#health-badge[data-status=online]")
+        node.proc.send_signal(signal.SIGSTOP)  # connections open, nothing answers
+        try:
+            page.wait_for_selector("#health-badge:has-text('unreachable')", timeout=30_000)
+            hung = page.get_attribute("#health", "title")
+            tab.shot("unreachable")
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+        page.wait_for_selector("#health-badge[data-status=online]", timeout=30_000)
+        node.stop()  # now connections are refused
+        page.wait_for_selector("#health-badge:has-text('unreachable')", timeout=30_000)
         errors = tab.errors(refused=True)
 
+    assert hung == "the node did not answer in time"
     assert errors == []

@@ -8,6 +8,7 @@ const KEY_ITEM = "llmlb-node-api-key";
 const query = new URLSearchParams(location.search);
 const POLL_MS = Math.max(100, Number(query.get("poll")) || 1000);
 const OFFLINE_POLL_MS = Math.max(POLL_MS, 5000);
+const ANSWER_WITHIN_MS = 10000; // a poll the node does not answer in this time: unreachable
 const CATALOG_EVERY = 10; // rounds between two reads of the catalog (changes trigger one too)
 const MAX_MESSAGES = 5;
 const INFO_MESSAGE_MS = 8000;
@@ -50,6 +51,7 @@ function duration(seconds) {
 
 function describeError(err) {
   if (err instanceof ApiError) return `${err.status}${err.code ? " " + err.code : ""}: ${err.message}`;
+  if (err && err.name === "TimeoutError") return "the node did not answer in time";
   return err && err.message ? err.message : String(err);
 }
 
@@ -69,8 +71,10 @@ function authHeaders(extra) {
   return key ? { ...extra, Authorization: `Bearer ${key}` } : { ...extra };
 }
 
-async function request(path, { method = "GET", body, signal } = {}) {
+async function request(path, { method = "GET", body, signal, within = ANSWER_WITHIN_MS } = {}) {
   const headers = authHeaders(body === undefined ? {} : { "Content-Type": "application/json" });
+  // A stopped or hung node never answers: give up (a pull or a stream waits as long as it takes).
+  if (!signal && within) signal = AbortSignal.timeout(within);
   const init = { method, headers, signal, cache: "no-store" };
   if (body !== undefined) init.body = JSON.stringify(body);
   const resp = await fetch(path, init);
@@ -434,9 +438,9 @@ function renderHealth(box, view) {
 
 // ---- model actions -------------------------------------------------------------------------
 const ACTIONS = {
-  pull: (id) => api("/api/models/pull", { method: "POST", body: { model: id, stream: false } }),
-  unload: (id) => api("/api/models/unload", { method: "POST", body: { model: id } }),
-  delete: (id) => api(`/api/models/${encodeURIComponent(id)}`, { method: "DELETE" }),
+  pull: (id) => api("/api/models/pull", { method: "POST", body: { model: id, stream: false }, within: 0 }),
+  unload: (id) => api("/api/models/unload", { method: "POST", body: { model: id }, within: 60000 }),
+  delete: (id) => api(`/api/models/${encodeURIComponent(id)}`, { method: "DELETE", within: 60000 }),
 };
 const DONE = { pull: "installed", unload: "unloaded", delete: "deleted" };
 
