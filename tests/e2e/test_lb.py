@@ -22,6 +22,7 @@ LONG = {
     "temperature": 0,
 }
 SHORT = {**LONG, "max_tokens": 4}
+KEY = "lb-e2e-node-key"  # the node masks its key in answers: a key no answer contains
 
 
 def _gemma_env(gemma_file: Path) -> dict[str, str]:
@@ -37,8 +38,8 @@ def _health(node) -> dict:  # noqa: ANN001 - tests/node.py's Node
 
 def test_health_is_busy_while_every_loaded_models_queue_is_full(gemma_file: Path) -> None:
     lb = LoadBalancer()
-    with running_node(_gemma_env(gemma_file), api_key="k", MAX_QUEUE="1", N_CTX="512") as node:
-        lb.register("node-1", node.url, "k")
+    with running_node(_gemma_env(gemma_file), api_key=KEY, MAX_QUEUE="1", N_CTX="512") as node:
+        lb.register("node-1", node.url, KEY)
         assert node.post("/v1/chat/completions", SHORT)[0] == 200  # loads it
         idle = _health(node)
         first = threading.Thread(target=node.post, args=("/v1/chat/completions", LONG))
@@ -62,7 +63,7 @@ def test_health_is_busy_while_every_loaded_models_queue_is_full(gemma_file: Path
     assert after["status"] == "online" and after["load"]["active_requests"] == 0
 
 
-@pytest.mark.parametrize("api_key", [None, "k"])
+@pytest.mark.parametrize("api_key", [None, KEY])
 def test_the_lb_detects_syncs_and_forwards_to_a_node_with_gemma(
     gemma_file: Path, api_key: str | None
 ) -> None:

@@ -20,8 +20,10 @@ from starlette.testclient import TestClient
 from world import FILENAME, MODEL_ID, SIZE, World
 
 from llmlb_node import __version__, backend
+from llmlb_node.offload import GpuDevice
 from llmlb_node.server import KEEP_ALIVE_TIMEOUT
 from llmlb_node.server.app import create_app
+from llmlb_node.server.lb import HardwareSnapshot, capability_score
 from llmlb_node.server.pool import ModelPool
 from llmlb_node.server.settings import ServerSettings
 
@@ -150,6 +152,16 @@ def test_system_and_health_carry_what_the_lb_and_its_mocks_read(world: World) ->
     assert health["load"] == {"active_requests": 0, "max_concurrent_requests": 2 * (1 + 32)}
     assert health["sync_state"] == "idle" and health["sync_progress"] is None
     assert health["loaded_models"] == [] and health["version"] == __version__
+
+
+def test_capability_score_is_the_gpu_memory_llama_cpp_can_offload_to() -> None:
+    """No GPU exists here: the snapshots are what the detectors report on machines with one."""
+    gib = 1024**3
+    cards = (GpuDevice("cuda", "RTX 4090", 24 * gib, 20 * gib), GpuDevice("cuda", "A2", 16 * gib))
+
+    assert capability_score(HardwareSnapshot(cards, "0.3.36", gpu_offload=True)) == 40.0
+    assert capability_score(HardwareSnapshot(cards, "0.3.36", gpu_offload=False)) == 0.0
+    assert capability_score(HardwareSnapshot((), "0.3.36", gpu_offload=True)) == 0.0
 
 
 def test_the_lb_reads_active_requests_while_a_download_runs(world: World) -> None:
