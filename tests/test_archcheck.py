@@ -165,6 +165,19 @@ def test_the_node_answers_400_unsupported_architecture_and_marks_it(
     assert pull[0] == 400 and pull[2]["error"]["code"] == "unsupported_architecture"
 
 
+def test_an_unusable_architecture_is_never_advertised_even_with_the_whole_catalog(
+    world: World, frob: bytes
+) -> None:
+    chat = {"model": "frob", "messages": [{"role": "user", "content": "hi"}]}
+    with running_node(ADVERTISE="catalog") as node:
+        refused, _, _ = node.post("/v1/chat/completions", chat)
+        _, _, listing = node.get("/v1/models")
+
+    assert refused == 400
+    ids = [m["id"] for m in listing["data"]]
+    assert "frob" not in ids and "tiny" in ids  # a load balancer never routes it here
+
+
 def test_a_hub_reference_to_an_unknown_architecture_exits_3(world: World) -> None:
     world.hub.add_file("test-org/Frob-GGUF", "frob-Q4_K_M.gguf", model("frobnicator", seed=1))
     world.monkeypatch.setenv("LLMLB_ALLOW_HF", "1")

@@ -26,7 +26,8 @@ def model_ids(pool: ModelPool) -> list[str]:
     installed by hand); with LLMLB_ADVERTISE=catalog, every runnable catalog entry too.
 
     A load balancer routes a model to every node that lists it, so a node lists only what it
-    can answer before the balancer's timeout: a model it has (a cold download can take longer).
+    can answer before the balancer's timeout: a model it has (a cold download can take longer)
+    in a format and an architecture its llama.cpp runs.
     """
     resolver = pool.resolver
     catalog = resolver.catalog
@@ -34,7 +35,8 @@ def model_ids(pool: ModelPool) -> list[str]:
     on_disk = set(installed)
     everything = pool.settings.advertise == "catalog"
     ids = [e.id for e in catalog if runnable(e) and (everything or e.id in on_disk)]
-    return ids + [i for i in installed if i not in catalog]
+    ids += [i for i in installed if i not in catalog]
+    return [i for i in ids if resolver.unusable(i) is None]
 
 
 def model_list(pool: ModelPool, created: int) -> list[dict[str, Any]]:
