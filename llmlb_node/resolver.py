@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import status
 from .catalog import Catalog, ModelEntry, ModelFile, is_valid_id, load_catalogs
 from .errors import (
     NOT_TRIED,
@@ -32,22 +31,17 @@ from .errors import (
     SourceFailure,
     UnsupportedArchitectureError,
 )
-from .progress import (
-    FINAL_STAGES,
-    Monitor,
-    ProgressCallback,
-    ProgressEvent,
-    event_from_status,
-    read_status_file,
-)
 from .registry import REGISTRY, StoreState
 from .settings import Settings
-from .status import ModelStatus
 from .store import FOREIGN, InstallRecord, ModelStore, Partial, hostname, pid_alive
 
 if TYPE_CHECKING:
+    # Not at import: resolving an installed model needs none of these (downloads, progress and
+    # status import them when they start).
     from .download import Downloader, Fetched
+    from .progress import Monitor, ProgressCallback, ProgressEvent
     from .sources import Source
+    from .status import ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +298,8 @@ class ModelResolver:
             flight = self._shared.flights.get(model_id)
             if flight is not None:
                 return flight, False
+            from .progress import Monitor
+
             flight = _Flight(Monitor(model_id, self.store.status_path(model_id)))
             self._shared.flights[model_id] = flight
             return flight, True
@@ -315,6 +311,8 @@ class ModelResolver:
             return flight.result
         except BaseException as exc:
             flight.error = exc
+            from .progress import FINAL_STAGES
+
             if flight.monitor.event.stage not in FINAL_STAGES:  # not recorded under the lock
                 self._record_failure(entry, flight.monitor, exc)
             raise
@@ -464,6 +462,8 @@ class ModelResolver:
             try:
                 lock.acquire(timeout=0.5)
             except Timeout:
+                from .progress import read_status_file
+
                 data = read_status_file(self.store.status_path(model_id))
                 holder = f"pid {data.get('pid')} on {data.get('host')}" if data else "a process"
                 raise _busy(model_id, holder) from None
@@ -657,6 +657,8 @@ class ModelResolver:
         """
         from filelock import Timeout
 
+        from .progress import read_status_file
+
         lock = self._model_lock(entry.id)
         waiting_since = time.monotonic()
         watch = _Holder(entry.id, self._stale_after())
@@ -698,6 +700,8 @@ class ModelResolver:
         stale_after = self._stale_after()
         watch.observe(data, monitor, self.settings.stall_timeout)
         if data is not None:
+            from .progress import event_from_status
+
             other = event_from_status(data)
             if other.stage in ("downloading", "verifying") and not watch.quiet:
                 monitor.relay(other)
@@ -987,6 +991,9 @@ class ModelResolver:
     def _download_status(self, model_id: str) -> ModelStatus:
         """A download of it in this process, else what the store and the status file left by
         the last download say (`status`)."""
+        from . import status
+        from .progress import read_status_file
+
         if not is_valid_id(model_id):
             raise InvalidModelIdError(model_id)
         flight = self._shared.flights.get(model_id)
@@ -1112,3 +1119,13 @@ def _why_gone(data: dict[str, Any], stale_after: float) -> str | None:
     if quiet > stale_after:
         return f"has not written a heartbeat for {quiet:.0f}s"
     return None
+
+
+def __getattr__(name: str) -> Any:
+    """`ModelStatus` lives in `status`, imported only when asked for (the installed path never
+    does): ``from llmlb_node.resolver import ModelStatus`` keeps working."""
+    if name == "ModelStatus":
+        from .status import ModelStatus
+
+        return ModelStatus
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

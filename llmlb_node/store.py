@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,6 @@ from typing import Any
 
 from .catalog import ModelEntry, ModelFile, check_id, is_valid_id
 from .errors import CatalogError
-from .gguf import GGUFError, check_complete
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +225,11 @@ class ModelStore:
         path = os.path.join(self._root, model_id, MANUAL_FILENAME)
         try:
             st = os.stat(path)
+        except OSError:
+            return None
+        from .gguf import GGUFError, check_complete  # not at import: the cached resolve needs none
+
+        try:
             check_complete(path, name=f"{model_id}/{MANUAL_FILENAME}")
             want = _manual_sha256(entry)
             digest = sha256_file(path) if want else None
@@ -421,6 +424,8 @@ class ModelStore:
 
     def remove(self, model_id: str) -> bool:
         """Delete the model's files, record and partials. True if anything was there."""
+        import shutil  # not at import: it loads bz2 and lzma
+
         found = False
         model_dir = self.model_dir(model_id)
         if model_dir.is_symlink():  # a directory kept elsewhere: remove the link, not its target
@@ -456,6 +461,8 @@ class ModelStore:
 
     def free_bytes(self, model_id: str) -> int:
         """Free bytes on the filesystem that holds (or will hold) the model."""
+        import shutil  # not at import: it loads bz2 and lzma
+
         path = self.model_dir(model_id)
         while not path.exists() and path != path.parent:
             path = path.parent
@@ -527,6 +534,8 @@ def _take_over(path: Path, into: Path, meta: dict[str, Any]) -> bool:
 
     Renamed when its writer was of this host (provably gone); copied when it was another
     host's, which may live on and write into the file it holds: never into ours."""
+    import shutil  # not at import: it loads bz2 and lzma
+
     try:
         if meta.get("host") not in (None, hostname()):
             shutil.copyfile(path, into)

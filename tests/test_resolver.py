@@ -561,3 +561,61 @@ def test_remove_refuses_while_this_process_downloads_the_model(world: World) -> 
     assert events[-1] == "installed"
     assert world.installed_path().read_bytes() == world.content
     assert resolver.remove(MODEL_ID) is True and not world.installed_path().exists()
+
+
+_COLD_PATH = """
+from llmlb_node import LazyLlama, ModelResolver
+resolver = ModelResolver()
+resolver.resolve({id!r})
+resolver.path({id!r})
+resolver.installed({id!r})
+LazyLlama({id!r}, n_ctx=64)
+import json, sys
+print(json.dumps(sorted(sys.modules)))
+"""
+# What an installed model's path must never load: the download machinery and what only it needs.
+_DOWNLOAD_ONLY = (
+    "httpx",
+    "httpcore",
+    "huggingface_hub",
+    "filelock",
+    "tqdm",
+    "llmlb_node.download",
+    "llmlb_node.sources",
+    "llmlb_node.progress",
+    "llmlb_node.status",
+    "llmlb_node.gguf",
+)
+
+
+def test_an_installed_models_path_imports_nothing_of_the_download_machinery(
+    world: World,
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    world.resolver().resolve(MODEL_ID)  # installed, with its record
+
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", _COLD_PATH.format(id=MODEL_ID)],
+        env={**os.environ, **world.env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    # -X importtime lists what `import` statements load; the package's lazy names load through
+    # importlib (not listed there), so the interpreter's own list at the end counts too.
+    imported = {
+        line.rpartition("|")[2].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "llmlb_node.store" in imported
+    imported.update(json.loads(done.stdout.splitlines()[-1]))
+    assert "llmlb_node.resolver" in imported and "llmlb_node.lazy" in imported
+    loaded = sorted(m for m in imported if m.startswith(_DOWNLOAD_ONLY))
+    assert loaded == [], loaded
