@@ -38,9 +38,9 @@ from benchmarks.stats import Section, fmt, markdown, text_table  # noqa: E402
 
 SERVING = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
 FLEET = ("F1", "F2", "F3")
-SECTIONS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", *SERVING, *FLEET)
+SECTIONS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", *SERVING, *FLEET)
 NEEDS_GEMMA = {"1", "2", "6", "7", *SERVING, *FLEET}
-NEEDS_PAYLOAD = {"3", "4", "5", "8", "9", "10"}
+NEEDS_PAYLOAD = {"3", "4", "5", "8", "9", "10", "11"}
 QUICK_PAYLOAD = 8 * MIB
 
 
@@ -169,6 +169,7 @@ def _run_sections(ctx: suite.Context, wanted: list[str]) -> list[Section]:
         (("8",), suite.bench_rss),
         (("9",), suite.bench_integrity),
         (("10",), suite.bench_reuse),
+        (("11",), suite.bench_whole_pull),
         (("S1", "S2", "S3"), serving.bench_warm),
         (("S4",), serving.bench_cold),
         (("S5",), serving.bench_concurrent_cold),
@@ -189,6 +190,7 @@ def _run_sections(ctx: suite.Context, wanted: list[str]) -> list[Section]:
         "8": "Peak RSS while downloading",
         "9": "Integrity: GGUF check, SIGKILL resume",
         "10": "Reuse: a model already in the huggingface_hub cache",
+        "11": "Whole process: llmlb-node pull vs curl + sync",
         "S1": "serve: overhead",
         "S2": "serve: time to first token",
         "S3": "serve: status latency during a stream",

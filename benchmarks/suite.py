@@ -1,4 +1,4 @@
-"""The nine benchmarks of the issue, each returning a `Section` of figures, ratios and goals.
+"""The benchmarks of the issues, each returning a `Section` of figures, ratios and goals.
 
 Contenders run in fresh child processes, in an order rotated every run; each ratio pairs the two
 figures of one run. The servers live in their own process (see serve.py).
@@ -938,6 +938,125 @@ def bench_reuse(ctx: Context) -> Section:
         "The catalog gives the sha256; the file is found as the cache's blobs/<sha256>, "
         "hard-linked into the store (same file system) and hashed once by us (the first "
         "install), then trusted by inode, size and mtime."
+    )
+    noise.annotate(s)
+    return s
+
+
+# --------------------------------------------------------------------------- 11: whole process
+
+_PULL_IMPORTS = (
+    "import llmlb_node.cli, llmlb_node.download, llmlb_node.sources, httpx, filelock, tqdm, "
+    "huggingface_hub"
+)
+
+
+_HASH = """import hashlib
+h = hashlib.sha256()
+with open({path!r}, "rb") as f:
+    while block := f.read(4 << 20):
+        h.update(block)
+"""
+
+
+def _whole_curl_sync(ctx: Context, m: Model, dest: Path) -> dict[str, float]:
+    """`curl -L -o FILE URL && sync FILE` as one shell command, timed from spawn to exit."""
+    out = dest / m.filename
+    url = ctx.servers.file_url(m.repo, m.filename)
+    script = 'curl -sS --fail -L -o "$1" "$2" && date +%s.%N && sync "$1" && date +%s.%N'
+    t = time.perf_counter()
+    proc = subprocess.run(
+        ["sh", "-c", script, "sh", str(out), url],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=ctx.env,
+    )
+    wall = time.perf_counter() - t
+    _require(proc.returncode == 0, f"curl + sync failed: {proc.stderr.strip()}")
+    _require(out.stat().st_size == m.size, f"curl wrote {out.stat().st_size} bytes")
+    before, after = (float(x) for x in proc.stdout.split())
+    return {"wall_s": wall, "sync_s": after - before}
+
+
+def _whole_pull(ctx: Context, m: Model, dest: Path) -> float:
+    """`llmlb-node pull ID` into an empty store, timed from spawn to exit."""
+    assert ctx.catalog_hub is not None
+    env = ctx.child_env(
+        LLMLB_HOME=str(dest / "llmlb-home"), LLMLB_SUPPORTED_MODELS=str(ctx.catalog_hub)
+    )
+    cli = Path(sys.executable).with_name("llmlb-node")
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [str(cli), "pull", m.model_id], capture_output=True, text=True, timeout=900, env=env
+    )
+    wall = time.perf_counter() - t
+    _require(proc.returncode == 0, f"llmlb-node pull failed: {proc.stderr.strip()[-500:]}")
+    return wall
+
+
+def _whole_python(ctx: Context, code: str) -> float:
+    """A fresh interpreter running `code`, spawn to exit (what a process pays before any byte)."""
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ctx.env
+    )
+    _require(proc.returncode == 0, f"{code!r} failed: {proc.stderr.strip()[-500:]}")
+    return time.perf_counter() - t
+
+
+def bench_whole_pull(ctx: Context) -> Section:
+    """11. Whole processes pair by pair: `llmlb-node pull` vs `curl -L -o` + `sync`."""
+    m = ctx.payload
+    assert m is not None
+    names = ["curl_sync", "pull"]
+    warm = ctx.fresh_dir("whole-warm-up")
+    _whole_pull(ctx, m, warm)  # untimed: bytecode and page cache, as every later run has them
+    drop_tree(warm)
+
+    def one_run(run: int) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        for name in _rotate(names, run):
+            dest = ctx.fresh_dir(f"whole-{name}")
+            if name == "curl_sync":
+                r = _whole_curl_sync(ctx, m, dest)
+                row["curl_sync"], row["sync"] = r["wall_s"], r["sync_s"]
+            else:
+                row["pull"] = _whole_pull(ctx, m, dest)
+            drop_tree(dest)
+            subprocess.run(["sync"], check=False)
+        row["python"] = _whole_python(ctx, "pass")
+        row["imports"] = _whole_python(ctx, _PULL_IMPORTS)
+        row["hash"] = _whole_python(ctx, _HASH.format(path=str(m.path)))
+        return row
+
+    rows, noise = _runs(
+        ctx,
+        ctx.runs,
+        "11",
+        one_run,
+        lambda r: f"curl + sync {r['curl_sync']:.2f}s, pull {r['pull']:.2f}s",
+    )
+    s = Section("11", f"Whole processes: pull {m.size / MB:.0f} MB from the loopback Hub")
+    curl_sync = s.add(
+        Stat("`curl -L -o` then `sync FILE`: spawn → exit", "s", _col(rows, "curl_sync"))
+    )
+    s.add(Stat("of which `sync FILE`", "s", _col(rows, "sync")))
+    pull = s.add(Stat("`llmlb-node pull`: spawn → exit", "s", _col(rows, "pull")))
+    s.add(Stat("a bare `python -c pass`: spawn → exit", "s", _col(rows, "python")))
+    s.add(Stat("`python -c` importing what a pull imports", "s", _col(rows, "imports")))
+    s.add(Stat("`python -c` hashing the file (sha256, page cache warm)", "s", _col(rows, "hash")))
+    s.goal(
+        Stat("pull ÷ (curl + sync) throughput", "×", ratios(curl_sync.samples, pull.samples)),
+        ">=",
+        0.8,
+        "≥ 0.8× curl + sync",
+    )
+    s.notes.append(
+        "Both timed by the parent from spawn to exit, in an order rotated every run: imports, "
+        "hashing, fsync, install and interpreter exit included. The import and hash rows are "
+        "separate fresh processes, to say where the time goes (a pull hashes while the bytes "
+        "arrive, so its hashing overlaps the transfer). One untimed pull first."
     )
     noise.annotate(s)
     return s
