@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import fleet, serving, suite  # noqa: E402
+from benchmarks import concurrency, fleet, serving, suite  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     BENCH_DIR,
     MIB,
@@ -38,8 +38,11 @@ from benchmarks.stats import Section, fmt, markdown, text_table  # noqa: E402
 
 SERVING = ("S1", "S2", "S3", "S4", "S5", "S6", "S7")
 FLEET = ("F1", "F2", "F3")
-SECTIONS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", *SERVING, *FLEET)
-NEEDS_GEMMA = {"1", "2", "6", "7", *SERVING, *FLEET}
+CONCURRENCY = ("C1", "C2")
+SECTIONS = (
+    "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", *SERVING, *CONCURRENCY, *FLEET,
+)  # fmt: skip
+NEEDS_GEMMA = {"1", "2", "6", "7", *SERVING, *CONCURRENCY, *FLEET}
 NEEDS_PAYLOAD = {"3", "4", "5", "8", "9", "10", "11"}
 QUICK_PAYLOAD = 8 * MIB
 
@@ -175,6 +178,7 @@ def _run_sections(ctx: suite.Context, wanted: list[str]) -> list[Section]:
         (("S5",), serving.bench_concurrent_cold),
         (("S6",), serving.bench_two_models),
         (("S7",), serving.bench_idle_rss),
+        (("C1", "C2"), concurrency.bench_concurrency),
         (("F1",), fleet.bench_health),
         (("F2",), fleet.bench_fleet),
         (("F3",), fleet.bench_network_fleet),
@@ -198,6 +202,8 @@ def _run_sections(ctx: suite.Context, wanted: list[str]) -> list[Section]:
         "S5": "serve: 16 concurrent cold requests",
         "S6": "serve: two models",
         "S7": "serve: idle RSS",
+        "C1": "many clients, one model",
+        "C2": "token gap while a long prompt joins",
         "F1": "LB polls during download, load and generation",
         "F2": "Fleet: nodes feeding nodes",
         "F3": "Fleet, network-bound",

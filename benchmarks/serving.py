@@ -116,16 +116,26 @@ def peer_available() -> bool:
 class Peer:
     """`python -m llama_cpp.server` on a free loopback port, stopped by its PID."""
 
-    def __init__(self, model_path: Path, model_id: str, log_dir: Path) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        model_id: str,
+        log_dir: Path,
+        n_ctx: int = N_CTX,
+        threads: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
             sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
-            "--model_alias", model_id, "--n_ctx", str(N_CTX), "--chat_format", "gemma",
+            "--model_alias", model_id, "--n_ctx", str(n_ctx), "--chat_format", "gemma",
             "--host", "127.0.0.1", "--port", str(self.port), "--verbose", "False",
         ]  # fmt: skip
+        if threads is not None:
+            cmd += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
         self.log = open(log_dir / "llama_cpp_server.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

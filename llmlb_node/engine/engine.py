@@ -114,6 +114,15 @@ class Engine:
         self._thread.start()
 
     @property
+    def parallel(self) -> int:
+        """How many sequences can run at once (a request with n choices takes n)."""
+        return self.context.n_seq
+
+    def token_text(self, token: int) -> str:
+        """A generated token's text on its own (for logprobs)."""
+        return self.context.piece(token).decode("utf-8", "replace")
+
+    @property
     def stats(self) -> StepStats:
         """The scheduler's counters (steps, tokens per step, reused prefix tokens)."""
         return self.scheduler.stats

@@ -11,9 +11,10 @@ import ctypes
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from ..llamacpp import import_llama_cpp
 
@@ -114,6 +115,8 @@ class Context:
 
     def logits(self, index: int) -> np.ndarray:
         """The logits of the batch's token `index` (a view: copy it to keep it past a decode)."""
+        import numpy as np
+
         pointer = self.lib.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 RANDOM_SEED = 0xFFFFFFFF
 """llama.cpp's LLAMA_DEFAULT_SEED: a different seed every time."""
@@ -78,6 +80,8 @@ class TokenLogprob:
 
 def logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     """Log-softmax of the raw logits at `token`, with the `top` most likely tokens."""
+    import numpy as np
+
     peak = float(logits.max())
     log_z = peak + math.log(float(np.exp(logits - peak).sum()))
     chosen = float(logits[token]) - log_z

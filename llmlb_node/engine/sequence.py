@@ -79,8 +79,8 @@ class Sequence:
     def accept(self, token: int, logprob: TokenLogprob | None, is_eog: bool, piece: bytes) -> None:
         """Take the sampled `token`: emit its text (minus a possible stop), finish if it ends."""
         self.generated.append(token)
-        if is_eog:
-            self.finish("stop", token, logprob)
+        if is_eog:  # not a token of the answer (llama-cpp-python does not count it either)
+            self.finish("stop")
             return
         self._held += self._decoder.decode(piece)
         stop_at = min((i for i in (self._held.find(s) for s in self.stop) if i >= 0), default=-1)

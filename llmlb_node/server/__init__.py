@@ -17,9 +17,16 @@ on a connection we are closing at that moment is reset (uvicorn's default is 5 s
 
 def serve(settings: ServerSettings) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT, then shut down cleanly."""
+    import os
     import sys
 
     import uvicorn
+
+    # libgomp (llama.cpp's threads) spins waiting for work by default: on a machine shared with
+    # other jobs that spinning steals the cores its own threads wait for, and every decode got
+    # 5-50x slower at random. Passive waiting costs a wake-up per parallel region instead. Read
+    # once, when llama.cpp's library loads: set it before anything imports llama_cpp.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from .app import create_app
 

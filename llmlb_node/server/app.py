@@ -28,6 +28,7 @@ from ..redact import has_secrets, redact
 from . import (
     blob,
     embedding,
+    generation,
     inference,
     lb,
     management,
@@ -178,8 +179,33 @@ async def _generate(
 
 async def _answer(lease: Lease, parsed: openai.ParsedRequest, method: str) -> Any:
     await lease.wait()
-    call = functools.partial(inference.call, lease.llm, method, parsed.kwargs, parsed.model)
-    return await lease.run(call)
+    job = await _job(lease, parsed, method)
+    if job is None or lease.engine is None:
+        call = functools.partial(inference.call, lease.llm, method, parsed.kwargs, parsed.model)
+        return await lease.run(call)
+    return await generation.answer(lease.engine, job, generation.submit(lease.engine, job))
+
+
+async def _job(lease: Lease, parsed: openai.ParsedRequest, method: str) -> generation.Job | None:
+    """The request as an engine job (prompt tokenized, grammar built: its 400s now), or None
+    for the one-at-a-time path (README: which requests take it)."""
+    if lease.engine is None:
+        return None
+    prepare = functools.partial(generation.prepare, lease.engine, lease.llm, method)
+    return await asyncio.to_thread(prepare, parsed.kwargs, parsed.model)
+
+
+async def _chunks(
+    lease: Lease, parsed: openai.ParsedRequest, method: str, job: generation.Job | None
+) -> AsyncIterator[dict[str, Any]]:
+    """The generation's chunks, its usage chunk last: from the engine, or one at a time."""
+    if job is None or lease.engine is None:
+        call = functools.partial(inference.stream, lease.llm, method, parsed.kwargs, parsed.model)
+        async for chunk in lease.stream(call):
+            yield chunk
+        return
+    async for chunk in generation.chunks(lease.engine, job, generation.submit(lease.engine, job)):
+        yield chunk
 
 
 async def _embed(lease: Lease, parsed: openai.ParsedRequest) -> Any:
@@ -191,12 +217,13 @@ async def _embed(lease: Lease, parsed: openai.ParsedRequest) -> Any:
 async def _start_stream(
     request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str, shape: Shape
 ) -> Response:
-    try:  # errors known at once (a failed download, a full queue) keep their HTTP status
+    try:  # errors known at once (a failed download, a full queue, a long prompt) keep their status
         ready = await _unless_disconnected(request, lease.wait(FIRST_WAIT))
+        job = await _job(lease, parsed, method) if ready else None
     except BaseException:
         lease.release()
         raise
-    events = shape.events(_generated(request, lease, parsed, method, ready))
+    events = shape.events(_generated(request, lease, parsed, method, ready, job))
     return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
@@ -204,19 +231,25 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _generated(
-    request: Request, lease: Lease, parsed: openai.ParsedRequest, method: str, ready: bool
+    request: Request,
+    lease: Lease,
+    parsed: openai.ParsedRequest,
+    method: str,
+    ready: bool,
+    job: generation.Job | None,
 ) -> AsyncIterator[str | dict[str, Any] | openai.StreamError]:
     """A stream's items: a progress text now and at each heartbeat until the model is ours, then
     the generation's chunks, its usage chunk last; a failure from then on is a `StreamError`."""
     pool: ModelPool = request.state.pool
     tokens = 0
     try:
-        while not ready:
-            status = await pool.status(parsed.model)
-            yield describe(status, pool.state(parsed.model))
-            ready = await _unless_disconnected(request, lease.wait(pool.settings.heartbeat))
-        call = functools.partial(inference.stream, lease.llm, method, parsed.kwargs, parsed.model)
-        async for chunk in lease.stream(call):
+        if not ready:
+            while not ready:
+                status = await pool.status(parsed.model)
+                yield describe(status, pool.state(parsed.model))
+                ready = await _unless_disconnected(request, lease.wait(pool.settings.heartbeat))
+            job = await _job(lease, parsed, method)
+        async for chunk in _chunks(lease, parsed, method, job):
             if openai.is_usage_chunk(chunk):
                 tokens = chunk["usage"]["completion_tokens"]
                 request.state.prompt_tokens = chunk["usage"]["prompt_tokens"]

@@ -19,7 +19,7 @@ from .openai import usage_chunk
 def call(llm: LazyLlama, method: str, kwargs: dict[str, Any], model_id: str) -> Any:
     """``llm.<method>(**kwargs)`` for a whole answer (chat or text completion)."""
     check_token_ids(llm, kwargs)
-    kwargs = renderable(llm, kwargs)
+    kwargs = one_choice(renderable(llm, kwargs))
     try:
         return getattr(llm, method)(model=model_id, **kwargs)
     except ValueError as exc:
@@ -30,7 +30,7 @@ def stream(llm: LazyLlama, method: str, kwargs: dict[str, Any], model_id: str) -
     """``llm.<method>(stream=True, **kwargs)``, chunk by chunk, then the usage chunk: the
     chunk's ``id``, ``object``, ``created`` and ``model`` with ``choices: []`` and ``usage``."""
     check_token_ids(llm, kwargs)
-    kwargs = renderable(llm, kwargs)
+    kwargs = one_choice(renderable(llm, kwargs))
     counts = count_tokens(llm.llama)
     last = None
     try:
@@ -40,6 +40,18 @@ def stream(llm: LazyLlama, method: str, kwargs: dict[str, Any], model_id: str) -
         raise _request_error(exc, kwargs) from exc
     if last is not None:
         yield usage_chunk(last, counts.usage())
+
+
+def one_choice(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """llama-cpp-python's calls make one choice: `n` > 1 needs the engine."""
+    kwargs = dict(kwargs)
+    if kwargs.pop("n", 1) != 1:
+        raise InvalidRequestError(
+            "'n' above 1 needs the engine, and this request takes the one-at-a-time path (its "
+            "chat format runs its own generation, or it asks for suffix or echo)",
+            "n",
+        )
+    return kwargs
 
 
 @dataclass

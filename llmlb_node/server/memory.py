@@ -64,17 +64,20 @@ class MemoryNeed:
     n_ctx: int
     weights_bytes: int
     kv_cache_bytes: int
+    contexts: int = 1
+    """KV caches of `n_ctx` cells: the model's own, plus one per engine sequence."""
 
     def describe(self) -> str:
+        times = f" x {self.contexts} (its own and LLMLB_PARALLEL)" if self.contexts > 1 else ""
         return (
-            f"{human_bytes(self.ram_bytes)} at n_ctx={self.n_ctx} (weights "
+            f"{human_bytes(self.ram_bytes)} at n_ctx={self.n_ctx}{times} (weights "
             f"{human_bytes(self.weights_bytes)}, KV cache {human_bytes(self.kv_cache_bytes)})"
         )
 
 
-def need_for(path: Path, n_ctx: int | None) -> MemoryNeed | None:
-    """The need of the GGUF at `path`, or None when its header says too little (then the budget
-    cannot judge it and the load goes ahead, as before the budget existed)."""
+def need_for(path: Path, n_ctx: int | None, contexts: int = 1) -> MemoryNeed | None:
+    """The need of the GGUF at `path` with `contexts` KV caches of `n_ctx` cells, or None when
+    its header says too little (then the budget cannot judge it and the load goes ahead)."""
     from ..gguf import GGUFError, read_header
     from ..offload.memory import estimate_memory, resident_bytes
 
@@ -82,12 +85,14 @@ def need_for(path: Path, n_ctx: int | None) -> MemoryNeed | None:
         header = read_header(path)
     except (OSError, GGUFError):
         return None
-    estimate = estimate_memory(header, n_ctx)
-    resident = resident_bytes(header, n_ctx)
+    cells = n_ctx * contexts if n_ctx else n_ctx
+    estimate = estimate_memory(header, cells)
+    resident = resident_bytes(header, cells)
     if estimate is None or resident is None:
         return None
     weights = sum(t.size or 0 for t in header.tensors)
-    return MemoryNeed(resident, estimate.n_ctx, weights, estimate.kv_cache_bytes)
+    per_context = estimate.n_ctx // contexts if n_ctx else estimate.n_ctx
+    return MemoryNeed(resident, per_context, weights, estimate.kv_cache_bytes, contexts)
 
 
 def available_bytes() -> int | None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,6 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..progress import FINAL_STAGES, ProgressEvent
 from .pool import ModelPool, PoolObserver, SlotState
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _NO_MODEL = "-"
@@ -153,7 +157,30 @@ class _PoolCollector:
             queued.add_metric([model_id], q)
             active.add_metric([model_id], a)
         loaded.add_metric([], sum(1 for i in infos if i.state is SlotState.READY))
-        return [queued, active, loaded]
+        engines = pool.engines() if pool is not None else {}
+        return [queued, active, loaded, *_engine_metrics(engines)]
+
+
+# name, help, the StepStats field: counted by each loaded model's engine (since its load).
+_ENGINE_COUNTERS = (
+    ("llmlb_engine_steps", "Engine steps (one llama_decode each)", "steps"),
+    ("llmlb_engine_decoded_tokens", "Generated tokens fed back, one per sequence per step",
+     "decoded_tokens"),
+    ("llmlb_engine_prompt_tokens", "Prompt tokens evaluated (reused ones not counted)",
+     "prompt_tokens"),
+    ("llmlb_engine_reused_tokens", "Prompt tokens found in a free sequence's cells",
+     "reused_tokens"),
+)  # fmt: skip
+
+
+def _engine_metrics(engines: dict[str, Engine]) -> list[Metric]:
+    families = []
+    for name, text, attr in _ENGINE_COUNTERS:
+        family = CounterMetricFamily(name, text + " since the model loaded", labels=["model"])
+        for model_id, engine in sorted(engines.items()):
+            family.add_metric([model_id], getattr(engine.stats, attr))
+        families.append(family)
+    return families
 
 
 class RequestRecord:

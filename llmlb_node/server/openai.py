@@ -117,7 +117,7 @@ SAMPLING: dict[str, tuple[Check, str]] = {
     "seed": (_integer(-(2**63), 2**63 - 1), "a whole number that fits in 64 bits"),
     "logit_bias": (_logit_bias, "an object mapping token ids to numbers between -100 and 100"),
     "stream": (_is(bool), "true or false"),
-    "n": (_exactly_one, "1 (this node makes one choice)"),
+    "n": (_integer(1, 64), "a whole number between 1 and 64 (at most LLMLB_PARALLEL)"),
     "user": (_is(str), "a string"),
 }
 CHAT: dict[str, tuple[Check, str]] = {
@@ -148,7 +148,7 @@ COMPLETION: dict[str, tuple[Check, str]] = {
     "stream_options": (_stream_options, "an object whose include_usage is true or false"),
 }
 # Parameters we accept but do not pass to llama.cpp.
-_NOT_PASSED = {"stream", "n", "user", "stream_options", "max_completion_tokens", "best_of"}
+_NOT_PASSED = {"stream", "user", "stream_options", "max_completion_tokens", "best_of"}
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 

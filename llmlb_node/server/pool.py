@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InsufficientDiskSpaceError, IntegrityError, LlmlbError, ModelDownloadError
 from ..lazy import LazyLlama
@@ -36,6 +36,9 @@ from .errors import (
     ShuttingDownError,
 )
 from .settings import ServerSettings
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +84,10 @@ class Slot:
         self.running: deque[Lease] = deque()
         """Requests holding a turn: at most `capacity`."""
         self.capacity = 1
-        """Requests that generate at once (one llama.cpp context answers one at a time)."""
-        self.cancel = threading.Event()
-        """Set when the running request's client went away: its generation stops at once."""
+        """Requests that generate at once: LLMLB_PARALLEL with an engine, else one (a llama.cpp
+        context of its own answers one request at a time)."""
+        self.engine: Engine | None = None
+        """The model's continuous-batching engine (generation slots, once loaded)."""
         self.last_used = time.monotonic()
         self.keep_alive = keep_alive
         self.timer: asyncio.TimerHandle | None = None
@@ -160,6 +164,8 @@ class Lease:
         """Done when the pool gives this request a turn (None) or its load failed (the error)."""
         self._worker: asyncio.Future[Any] | None = None
         self._released = False
+        self._cancel = threading.Event()
+        """Set when this request's client went away: its generation stops at the next token."""
 
     @property
     def llm(self) -> LazyLlama:
@@ -168,6 +174,11 @@ class Lease:
     @property
     def model_id(self) -> str:
         return self._slot.model_id
+
+    @property
+    def engine(self) -> Engine | None:
+        """The model's engine, where its requests batch (None for embeddings)."""
+        return self._slot.engine
 
     async def wait(self, step: float | None = None) -> bool:
         """Wait up to `step` seconds for the model's turn; True once this request holds it.
@@ -202,7 +213,7 @@ class Lease:
         try:
             return await asyncio.shield(worker)
         except asyncio.CancelledError:
-            self._slot.cancel.set()
+            self._cancel.set()
             raise
 
     async def stream(
@@ -215,7 +226,7 @@ class Lease:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
-        cancel = self._slot.cancel
+        cancel = self._cancel
         put = functools.partial(loop.call_soon_threadsafe, queue.put_nowait)
 
         def pump() -> None:
@@ -244,7 +255,16 @@ class Lease:
 
     def _start(self, call: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run `call` in the pool's threads: the one place where this request's model works."""
-        worker = asyncio.get_running_loop().run_in_executor(self._pool.executor, call)
+        cancel = self._cancel
+
+        def with_cancel() -> Any:
+            _working.cancel = cancel
+            try:
+                return call()
+            finally:
+                _working.cancel = None
+
+        worker = asyncio.get_running_loop().run_in_executor(self._pool.executor, with_cancel)
         worker.add_done_callback(_retrieved)  # a request gone before its answer reads no error
         self._worker = worker
         return worker
@@ -258,7 +278,7 @@ class Lease:
         if self in slot.waiting:
             slot.waiting.remove(self)
         elif worker is not None and not worker.done():
-            slot.cancel.set()  # the request is over: its generation stops now
+            self._cancel.set()  # the request is over: its generation stops now
             worker.add_done_callback(lambda _: self._leave())
             return
         self._leave()
@@ -287,8 +307,12 @@ def _closing(items: Iterator[Any]) -> Iterator[Any]:
             close()
 
 
-def _install_cancel_hook(llama: Any, cancel: threading.Event) -> None:
-    """Make generation stop at the next token once `cancel` is set.
+_working = threading.local()
+"""`cancel`: the event of the request whose call runs in this worker thread."""
+
+
+def _install_cancel_hook(llama: Any) -> None:
+    """Make generation stop at the next token once the calling request's cancel event is set.
 
     llama-cpp-python's chat handlers take no stopping criteria, but every generated token goes
     through ``Llama.eval``: an exception there ends the call (streaming or not) cleanly.
@@ -296,7 +320,8 @@ def _install_cancel_hook(llama: Any, cancel: threading.Event) -> None:
     evaluate = llama.eval
 
     def eval_unless_cancelled(tokens: Any) -> Any:
-        if cancel.is_set():
+        cancel = getattr(_working, "cancel", None)
+        if cancel is not None and cancel.is_set():
             raise GenerationCancelledError("the client went away; generation stopped")
         return evaluate(tokens)
 
@@ -369,6 +394,14 @@ class ModelPool:
         slot.waiting.append(lease)
         self._schedule(slot)
         return lease
+
+    def engines(self) -> dict[str, Engine]:
+        """The engine of each loaded generation model (from memory: never waits)."""
+        return {
+            s.model_id: s.engine
+            for s in self._slots.values()
+            if s.engine is not None and s.state is SlotState.READY
+        }
 
     def loaded(self) -> set[str]:
         """Ids of the models loaded now (from memory: never waits)."""
@@ -520,7 +553,7 @@ class ModelPool:
         loop = asyncio.get_running_loop()
         for slot in self._slots.values():
             if slot.state is SlotState.READY:
-                await loop.run_in_executor(self.executor, slot.llm.close)
+                await loop.run_in_executor(self.executor, _close_model, slot)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- turns and loading ------------------------------------------------------------------
@@ -551,7 +584,6 @@ class ModelPool:
             while slot.waiting and len(slot.running) < slot.capacity:
                 lease = slot.waiting.popleft()
                 slot.running.append(lease)
-                slot.cancel.clear()
                 lease.grant()
         elif slot.state is SlotState.FAILED and self._recent_failure(slot):
             while slot.waiting:
@@ -603,13 +635,24 @@ class ModelPool:
             raise
         outcome = "local" if resolved.source == "local" else "downloaded"
         self.observer.resolved(slot.model_id, outcome)
-        slot.need = memory.need_for(resolved.path, self.llama_kwargs.get("n_ctx"))
+        contexts = 1 if slot.embedding else 1 + self.settings.parallel
+        slot.need = memory.need_for(resolved.path, self.llama_kwargs.get("n_ctx"), contexts)
 
     def _load_blocking(self, slot: Slot) -> None:
         before = rss_bytes()
         llama = slot.llm.load()
         slot.rss_bytes = max(0, rss_bytes() - before) if before else None
-        _install_cancel_hook(llama, slot.cancel)
+        _install_cancel_hook(llama)
+        if not slot.embedding:
+            from ..engine import Engine  # numpy and ctypes: only once a model loads
+
+            slot.engine = Engine(
+                llama,
+                parallel=self.settings.parallel,
+                n_ctx=self.settings.n_ctx or None,
+                name=f"llmlb-engine {slot.model_id}",
+            )
+            slot.capacity = self.settings.parallel
         slot.status = self.resolver.status(slot.model_id)  # type: ignore[assignment]
 
     # -- room: one eviction loop, two limits ---------------------------------------------------
@@ -674,7 +717,7 @@ class ModelPool:
     async def _close(self, slot: Slot) -> None:
         """Close a slot already moved to UNLOADING, then mark it UNLOADED."""
         try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, slot.llm.close)
+            await asyncio.get_running_loop().run_in_executor(self.executor, _close_model, slot)
         finally:
             self._set(slot, SlotState.UNLOADED)
 
@@ -724,6 +767,14 @@ class ModelPool:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+def _close_model(slot: Slot) -> None:
+    """Stop the engine (its sequences end), then free the model."""
+    engine, slot.engine, slot.capacity = slot.engine, None, 1
+    if engine is not None:
+        engine.close()
+    slot.llm.close()
 
 
 def _load_error(slot: Slot, exc: BaseException) -> LlmlbError:

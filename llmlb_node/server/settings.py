@@ -66,6 +66,8 @@ class ServerSettings:
     n_ctx: int = 4096
     n_threads: int | None = None
     """CPU threads per loaded model (generation and prompt); None: llama.cpp's choice."""
+    parallel: int = 4
+    """Sequences of one model generated together (its engine's batch), each with n_ctx cells."""
     memory_budget: MemoryBudget = field(default_factory=MemoryBudget)
     """How much memory loaded models may hold (LLMLB_MEMORY_BUDGET, default 90% of available)."""
     shutdown_grace: float = 30.0
@@ -92,6 +94,7 @@ class ServerSettings:
             "failure_ttl": _seconds(env, "LLMLB_RETRY_FAILED_AFTER", 10.0),
             "n_ctx": _int(env, "LLMLB_N_CTX", 4096, minimum=0),
             "n_threads": _int(env, "LLMLB_N_THREADS", 0, minimum=0) or None,
+            "parallel": _int(env, "LLMLB_PARALLEL", 4, minimum=1),
             "shutdown_grace": _seconds(env, "LLMLB_SHUTDOWN_GRACE", 30.0),
             "memory_budget": MemoryBudget.parse(env.get("LLMLB_MEMORY_BUDGET")),
             "cors_origins": _origins(env.get("LLMLB_NODE_CORS_ORIGINS") or ""),

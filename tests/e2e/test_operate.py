@@ -135,7 +135,7 @@ def test_the_memory_budget_unloads_the_least_recently_used_model_to_make_room(
     tmp_path: Path, gemma_file: Path
 ) -> None:
     home = manual_store(tmp_path, gemma_file, "gemma-a", "gemma-b")
-    need = need_for(gemma_file, 512)
+    need = need_for(gemma_file, 512, contexts=5)  # its own and LLMLB_PARALLEL (4) sequences
     assert need is not None
     budget = str(int(1.5 * need.ram_bytes))  # one Gemma fits, two do not
     with running_node(_env(home, N_CTX="512", MEMORY_BUDGET=budget)) as node:
@@ -159,7 +159,7 @@ def test_two_cold_models_waiting_for_room_under_a_budget_for_one_both_answer(
     `loading` forever. Now a load that does not fit reserves nothing, so one goes, then the
     other."""
     home = manual_store(tmp_path, gemma_file, "gemma-a", "gemma-b", "gemma-c")
-    need = need_for(gemma_file, 1024)
+    need = need_for(gemma_file, 1024, contexts=5)  # its own and LLMLB_PARALLEL (4) sequences
     assert need is not None
     budget = str(int(1.5 * need.ram_bytes))  # one Gemma fits, two do not
     env = _env(home, N_CTX="1024", MEMORY_BUDGET=budget, MAX_LOADED_MODELS="3", LOAD_WAIT="150")

@@ -216,7 +216,7 @@ def test_a_disconnected_non_streaming_request_stops_its_generation(
 
 
 def test_queue_full_is_429_server_busy(gemma_file: Path) -> None:
-    with running_node(_offline_env(gemma_file.parents[2], MAX_QUEUE="1")) as node:
+    with running_node(_offline_env(gemma_file.parents[2], MAX_QUEUE="1", PARALLEL="1")) as node:
         sock = _long_stream_request(node)  # running
         waiting = threading.Thread(
             target=node.post,

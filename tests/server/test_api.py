@@ -61,7 +61,7 @@ def test_unknown_model_is_model_not_found_with_close_ids_and_no_network(world: W
         ({**CHAT, "max_tokens": True}, "max_tokens"),
         ({**CHAT, "stop": [1]}, "stop"),
         ({**CHAT, "stream": "yes"}, "stream"),
-        ({**CHAT, "n": 2}, "n"),
+        ({**CHAT, "n": 65}, "n"),
         ({**CHAT, "response_format": {"type": "xml"}}, "response_format"),
         ({**CHAT, "keep_alive": "soon"}, "keep_alive"),
         ({**CHAT, "model": 7}, "model"),
