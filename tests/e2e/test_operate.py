@@ -70,7 +70,8 @@ def test_ps_unload_and_delete_of_a_loaded_model_and_its_metrics(
     tmp_path: Path, gemma_file: Path
 ) -> None:
     home = manual_store(tmp_path, gemma_file, "gemma-a")
-    with running_node(_env(home, N_CTX="4096")) as node:
+    # One sequence: the second request queues behind the stream instead of joining its batch.
+    with running_node(_env(home, N_CTX="4096", PARALLEL="1")) as node:
         answer = node.post("/v1/completions", {"model": "gemma-a", "prompt": "Hi", "max_tokens": 4})
         (loaded,) = _ps(node)
         running = threading.Event()
