@@ -38,7 +38,9 @@ def _health(node) -> dict:  # noqa: ANN001 - tests/node.py's Node
 
 def test_health_is_busy_while_every_loaded_models_queue_is_full(gemma_file: Path) -> None:
     lb = LoadBalancer()
-    with running_node(_gemma_env(gemma_file), api_key=KEY, MAX_QUEUE="1", N_CTX="512") as node:
+    with running_node(
+        _gemma_env(gemma_file), api_key=KEY, MAX_QUEUE="1", N_CTX="512", PARALLEL="1"
+    ) as node:
         lb.register("node-1", node.url, KEY)
         assert node.post("/v1/chat/completions", SHORT)[0] == 200  # loads it
         idle = _health(node)
