@@ -149,7 +149,14 @@ class Stream:
     tokens: list[float] | None = None
 
 
-def _stream(url: str, model: str, prompt: str | list[int], max_tokens: int, t0: float) -> Stream:
+def _stream(
+    url: str,
+    model: str,
+    prompt: str | list[int],
+    max_tokens: int,
+    t0: float,
+    streaming: threading.Event | None = None,
+) -> Stream:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "logit_bias": NO_EOS}  # fmt: skip
     result = Stream(time.perf_counter() - t0, tokens=[])
@@ -164,6 +171,8 @@ def _stream(url: str, model: str, prompt: str | list[int], max_tokens: int, t0: 
                 result.tokens.append(now)  # type: ignore[union-attr]
                 if result.first != result.first:
                     result.first = now
+                if streaming is not None and len(result.tokens) == 5:  # type: ignore[arg-type]
+                    streaming.set()
     result.end = time.perf_counter() - t0
     return result
 
@@ -336,10 +345,13 @@ def _gap(url: str, model: str, long_prompt: list[int]) -> tuple[float, float]:
     """(worst gap while the long prompt is evaluated, median gap) of a 200-token stream, in ms."""
     t0 = time.perf_counter()
     running: list[Stream] = []
-    thread = threading.Thread(target=lambda: running.append(_stream(url, model, "Tell a story",
-                                                                    200, t0)))  # fmt: skip
+    streaming = threading.Event()
+    thread = threading.Thread(target=lambda: running.append(
+        _stream(url, model, "Tell a story", 200, t0, streaming)))  # fmt: skip
     thread.start()
-    time.sleep(1.0)
+    if not streaming.wait(120):
+        raise ChildError("the running stream did not start within 120 s")
+    time.sleep(0.2)
     joined = _stream(url, model, long_prompt, 1, t0)
     thread.join()
     times = running[0].tokens or []
