@@ -2,8 +2,9 @@
 the GGUF's ``general.architecture`` from a bounded read of its first bytes, and llama.cpp's verdict.
 
 The verdict: a name in the architecture table compiled into the llama.cpp library is known (no
-import); any other is loaded by llama.cpp itself, as a one-key GGUF with ``vocab_only``, and is
-unknown only if llama.cpp says "unknown model architecture". Verdicts are kept on disk per
+import); any other is loaded by llama.cpp itself, in a GGUF of just that name and an empty
+vocabulary, with ``vocab_only``: it loads if llama.cpp knows it, and is unknown only if llama.cpp
+says "unknown model architecture". Verdicts are kept on disk per
 (architecture, llama-cpp-python version). A header this cannot judge is never refused.
 """
 
@@ -237,37 +238,51 @@ def _llama_library() -> Path | None:
 
 
 def probe(arch: str) -> bool:
-    """llama.cpp's own answer: load a GGUF holding only ``general.architecture = arch`` with
-    ``vocab_only`` (it stops at the missing vocabulary if it knows the architecture)."""
+    """llama.cpp's own answer: load, with ``vocab_only``, a GGUF holding only
+    ``general.architecture = arch`` and an empty vocabulary (``no_vocab``). A known
+    architecture loads; an unknown one fails, llama.cpp saying "unknown model architecture".
+    Any other failure cannot be judged."""
     try:
         from .llamacpp import import_llama_cpp, native_errors
 
         llama_cpp = import_llama_cpp()
     except ImportError as exc:
         raise CannotJudge(f"llama-cpp-python cannot be imported: {exc}") from None
+    load = getattr(llama_cpp, "llama_model_load_from_file", None) or getattr(
+        llama_cpp, "llama_load_model_from_file", None
+    )
+    free = getattr(llama_cpp, "llama_model_free", None) or getattr(
+        llama_cpp, "llama_free_model", None
+    )
+    if load is None or free is None:
+        raise CannotJudge("this llama-cpp-python has no model loading function known here")
     with _PROBE_LOCK, tempfile.TemporaryDirectory(prefix="llmlb-arch-") as tmp:
         path = os.path.join(tmp, "probe.gguf")
         with open(path, "wb") as fh:
-            fh.write(_one_key_gguf(arch))
+            fh.write(_probe_gguf(arch))
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         native_errors()  # earlier errors are not this probe's
-        model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        model = load(path.encode(), params)
         if model:
-            llama_cpp.llama_model_free(model)
+            free(model)
             return True
         why = native_errors()
     log.debug("probe of architecture %r: %s", arch, why or "no error line")
-    return _UNKNOWN not in why
+    if _UNKNOWN not in why:
+        raise CannotJudge(f"llama.cpp failed to load the probe for another reason: {why!r}")
+    return False
 
 
-def _one_key_gguf(arch: str) -> bytes:
-    def text(value: str) -> bytes:
-        raw = value.encode()
-        return struct.pack("<Q", len(raw)) + raw
+def _probe_gguf(arch: str) -> bytes:
+    def text(key: str, value: str) -> bytes:
+        raw_key, raw = key.encode(), value.encode()
+        return b"".join(
+            (struct.pack("<Q", len(raw_key)), raw_key, struct.pack("<IQ", 8, len(raw)), raw)
+        )
 
-    pair = text("general.architecture") + struct.pack("<I", 8) + text(arch)
-    return b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + pair
+    pairs = text("general.architecture", arch) + text("tokenizer.ggml.model", "no_vocab")
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + pairs
 
 
 # -- what is known of catalog entries ----------------------------------------------------------

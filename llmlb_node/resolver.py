@@ -535,9 +535,9 @@ class ModelResolver:
             entry = self.catalog.runnable(model_id)
         else:
             entry = self._hub_entry(model_id, reference) or self.catalog.get(model_id)
-        if self.unusable(model_id) is not None:
-            from .archcheck import entry_architecture, llama_cpp_version
+        from .archcheck import entry_architecture, llama_cpp_version, why_unusable
 
+        if why_unusable(entry, None, self.store) is not None:  # known before any network
             arch = entry_architecture(entry, self.store) or "unknown"
             raise UnsupportedArchitectureError(model_id, arch, llama_cpp_version())
         return entry

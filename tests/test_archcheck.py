@@ -186,6 +186,10 @@ def test_a_hub_reference_to_an_unknown_architecture_exits_3(world: World) -> Non
 
     assert done.returncode == 3 and "'frobnicator'" in done.stderr
     assert world.hub.cdn.bytes_sent < SIZE / 16
+    # Known now (the file list kept, its sha256's architecture noted): refused with no request.
+    world.hub.reset_counters()
+    again = cli("pull", "hf:test-org/Frob-GGUF")
+    assert again.returncode == 3 and world.hub.total_requests() == 0
 
 
 def test_reading_the_architecture_stops_at_its_key(tmp_path: Path) -> None:
