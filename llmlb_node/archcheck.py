@@ -55,6 +55,10 @@ def check(
     fetched from `remote`) has an architecture this llama.cpp does not know."""
     if not file.filename.lower().endswith(".gguf"):
         return
+    declared = entry.raw.get("architecture")
+    if isinstance(declared, str) and declared:  # the catalog says: no header read
+        check_name(entry, declared, store)
+        return
     size = remote.size or file.expected_size
     if not remote.parts and (size is None or size < MIN_CHECKED):
         log.debug("%s: %s is small (or of unknown size): its load checks it", entry.id, size)
@@ -68,6 +72,17 @@ def check(
     sha = file.sha256 or remote.sha256
     if sha:
         remember_file(store, sha, arch)
+    if not known:
+        raise UnsupportedArchitectureError(entry.id, arch, llama_cpp_version())
+
+
+def check_name(entry: ModelEntry, arch: str, store: ModelStore) -> None:
+    """`check` for an architecture already known by name."""
+    try:
+        known = verdict(arch, store)
+    except CannotJudge as exc:
+        log.debug("%s: architecture %r not checked: %s", entry.id, arch, exc)
+        return
     if not known:
         raise UnsupportedArchitectureError(entry.id, arch, llama_cpp_version())
 

@@ -367,6 +367,7 @@ class ModelResolver:
             found = self.installed(model_id) if entry is not None else None
             if entry is None or found is None:
                 continue
+            why = self.unusable(model_id)
             infos.append(
                 ModelInfo(
                     id=model_id,
@@ -375,9 +376,9 @@ class ModelResolver:
                     installed=True,
                     path=str(found.path),
                     catalog=str(entry.raw.get("reference") or entry.origin),
-                    runnable=self.unusable(model_id) is None,
+                    runnable=why is None,
                     architecture=architecture(found.path),
-                    unusable=self.unusable(model_id),
+                    unusable=why,
                 )
             )
         return infos

@@ -199,3 +199,14 @@ def test_reading_the_architecture_stops_at_its_key(tmp_path: Path) -> None:
     assert archcheck.file_architecture(path) == "gemma3"
     assert archcheck.verdict("gemma3", store) is True
     assert archcheck.cached_verdict("gemma3", store) is True
+
+
+def test_an_architecture_the_catalog_declares_needs_no_header_read(world: World) -> None:
+    data = model("llama", seed=2)
+    world.add_model("declared-llama", {"dl.gguf": data}, architecture="llama")
+    world.hub.reset_counters()
+
+    world.resolver().resolve("declared-llama")
+
+    ranges = [r.headers.get("range") for r in world.hub.cdn.requests]
+    assert "bytes=0-65535" not in ranges  # the name alone was judged
