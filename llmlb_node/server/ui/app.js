@@ -164,6 +164,7 @@ const state = {
   downloads: [],
   slots: [],
   health: null,
+  answeredAt: null, // when the node last answered a whole round
   shown: new Map(), // section -> the JSON of what it shows (re-rendered only on change)
   pending: new Set(), // "action:model" while its request runs
   confirming: null, // the model whose delete awaits a second click
@@ -199,14 +200,15 @@ async function round() {
     if (state.again) { state.again = false; delay = 0; }
     schedule(delay);
   }
-  if (fetched) { keyAccepted(); render(); } // outside the try: a bug here is an uncaught error
+  if (fetched) { state.answeredAt = new Date(); keyAccepted(); render(); } // outside the try: a bug here is an uncaught error
 }
 
 function unreachable(err) {
   if (err instanceof ApiError && err.status === 401) return; // needKey() has said so
   setBadge("error", "unreachable");
   state.shown.delete("health");
-  $("health").title = describeError(err);
+  const last = state.answeredAt ? state.answeredAt.toLocaleTimeString() : "never";
+  facts([["Status", `no answer: ${describeError(err)}`], ["Last answer", last]], $("health"));
 }
 
 async function fetchRound() {
@@ -432,7 +434,6 @@ function renderHealth(box, view) {
   if (!view) return;
   setBadge(view.status, view.status);
   $("version").textContent = view.version ? `v${view.version}` : "";
-  box.title = "";
   facts(view.pairs, box);
 }
 
