@@ -106,3 +106,47 @@ def scrub_logs(logger: logging.Logger) -> None:
 
 
 scrub_logs(logging.getLogger("llmlb_node"))
+
+
+def redact_json(text: str) -> str:
+    """`text`, a JSON document, with every secret masked in its string values only: a key or a
+    number never changes, so the document stays the one the caller wrote (a secret as short as
+    "e" must not turn ``"error"`` into ``"***rror"``). Text that is not JSON is masked whole."""
+    if not _ORDERED:
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return redact(text)
+    clean = _redact_values(value)
+    return text if clean == value else json.dumps(clean, ensure_ascii=False, separators=(",", ":"))
+
+
+def redact_lines(text: str) -> str:
+    """An NDJSON or server-sent-events text with each JSON line (or ``data:`` payload) masked
+    as `redact_json` masks a document; the framing is kept."""
+    out = []
+    for line in text.split("\n"):
+        head, payload = ("data: ", line[6:]) if line.startswith("data: ") else ("", line)
+        out.append(head + (redact_json(payload) if payload.strip() else payload))
+    return "\n".join(out)
+
+
+# Fields whose values come from our own fixed vocabularies (error codes, stages, object kinds),
+# never from a server or a user: kept as written, so a client matching on them keeps working.
+VOCABULARY_FIELDS = frozenset(
+    {"object", "type", "code", "status", "stage", "kind", "role", "finish_reason", "param"}
+)
+
+
+def _redact_values(value: object) -> object:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redact_values(item) for item in value]
+    if isinstance(value, dict):
+        return {
+            key: item if key in VOCABULARY_FIELDS else _redact_values(item)
+            for key, item in value.items()
+        }
+    return value

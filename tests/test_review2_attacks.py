@@ -547,3 +547,32 @@ def test_the_token_file_of_hf_auth_login_is_a_secret_too(
     assert hub.requests[0].authorization == f"Bearer {token}"  # the token was in use
     assert token not in done.stderr + done.stdout
     assert not _grep_tree(world.home, [token])
+
+
+def test_route_bodies_mask_secrets_in_values_never_in_keys_or_codes() -> None:
+    from llmlb_node import redact
+
+    redact.remember("e")
+    try:
+        body = json.dumps(
+            {
+                "error": {
+                    "message": "key e",
+                    "type": "invalid_request_error",
+                    "code": "model_not_found",
+                    "failures": [{"url": "x?e"}],
+                }
+            }
+        )
+        clean = json.loads(redact.redact_json(body))
+        assert clean["error"]["code"] == "model_not_found"
+        assert clean["error"]["type"] == "invalid_request_error"
+        assert clean["error"]["message"] == "k***y ***"
+        assert clean["error"]["failures"] == [{"url": "x?***"}]
+        sse = "data: " + body + "\n\ndata: [DONE]\n\n"
+        lines = redact.redact_lines(sse).split("\n")
+        assert json.loads(lines[0][6:])["error"]["message"] == "k***y ***"
+        assert lines[2:] == ["data: [DONE]", "", ""]
+    finally:
+        redact._SECRETS.discard("e")
+        redact._ORDERED[:] = sorted(redact._SECRETS, key=len, reverse=True)

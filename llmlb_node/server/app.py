@@ -11,7 +11,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import LlmlbError, ModelDownloadError, UnsupportedModelError
-from ..redact import has_secrets, redact
+from ..redact import has_secrets, redact_json, redact_lines
 from . import (
     blob,
     embedding,
@@ -311,9 +311,18 @@ class BearerAuth:
         return hmac.compare_digest(token.strip(), self.expected or b"") and right_scheme
 
 
+# Routes whose successful answers carry what a model generated: that text is the model's, not
+# ours, and masking a short key ("k", "test") in it would garble the answer ("to***ens"). Their
+# error answers and the error events of their streams are ours, and are scrubbed.
+GENERATION_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"}
+)
+
+
 class RedactJson:
-    """Every JSON body passes the one scrubber (`llmlb_node.redact`): no configured secret
-    leaves in a route's answer, whatever text (a status, a server's error) it carries."""
+    """Every JSON body we write passes the one scrubber (`llmlb_node.redact`): no configured
+    secret leaves in a route's answer, whatever text (a status, a server's error) it carries.
+    A model's own output is left as generated (GENERATION_PATHS)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -324,24 +333,27 @@ class RedactJson:
             return
         start: Message | None = None
         chunks: list[bytes] = []
-        streamed = False
+        streamed = generated = False
 
         async def scrub(message: Message) -> None:
-            nonlocal start, streamed
+            nonlocal start, streamed, generated
             if message["type"] == "http.response.start":
+                generated = scope["path"] in GENERATION_PATHS and message["status"] < 400
                 kind = _content_type(message)
-                if kind == b"application/json":
+                if kind == b"application/json" and not generated:
                     start = message  # held until the body is whole: its length may change
                     return
                 streamed = kind in (b"application/x-ndjson", b"text/event-stream")
             elif message["type"] == "http.response.body" and streamed:
-                message = {**message, "body": _redact_bytes(message.get("body", b""))}
+                body = message.get("body", b"")
+                if not generated or b'"error"' in body:  # an error event is our text
+                    message = {**message, "body": _redact_bytes(body, redact_lines)}
             if start is None or message["type"] != "http.response.body":
                 await send(message)
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
-                body = _redact_bytes(b"".join(chunks))
+                body = _redact_bytes(b"".join(chunks), redact_json)
                 headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
                 headers.append((b"content-length", str(len(body)).encode()))
                 await send({**start, "headers": headers})
@@ -350,12 +362,12 @@ class RedactJson:
         await self.app(scope, receive, scrub)
 
 
-def _redact_bytes(body: bytes) -> bytes:
+def _redact_bytes(body: bytes, scrub: Callable[[str], str]) -> bytes:
     try:
         text = body.decode()
     except UnicodeDecodeError:  # not text we wrote (JSON and our streams are UTF-8)
         return body
-    clean = redact(text)
+    clean = scrub(text)
     return body if clean == text else clean.encode()
 
 
