@@ -257,7 +257,7 @@ def bench_concurrency(ctx: Context) -> tuple[Section, Section]:
     )
     if why:
         c1.notes.append(f"llama-server column skipped: {why}")
-    rounds = 1 if ctx.quick else 6
+    rounds = 1 if ctx.quick else min(6, ctx.runs)
     max_tokens = 16 if ctx.quick else 64
     clients = (1, 4) if ctx.quick else CLIENTS
     with _contenders(ctx, binary) as urls:
