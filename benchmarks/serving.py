@@ -124,6 +124,7 @@ class Peer:
         n_ctx: int = N_CTX,
         threads: int | None = None,
         env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -134,6 +135,7 @@ class Peer:
         ]  # fmt: skip
         if threads is not None:
             cmd += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
+        cmd += list(extra)
         self.log = open(log_dir / "llama_cpp_server.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
