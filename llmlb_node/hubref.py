@@ -362,9 +362,9 @@ def _token(settings: Settings) -> str | None:
     if settings.hf_token:
         return settings.hf_token
     try:
-        from huggingface_hub import get_token
+        from .sources.huggingface import login_token
 
-        return get_token()  # the token file `hf auth login` writes
+        return login_token()  # the token file `hf auth login` writes
     except Exception:  # noqa: BLE001 - a broken token file must not break anonymous access
         return None
 
