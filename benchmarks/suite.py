@@ -945,9 +945,10 @@ def bench_reuse(ctx: Context) -> Section:
 
 # --------------------------------------------------------------------------- 11: whole process
 
+# What a pull with no HF token imports: huggingface_hub's constants only, never its client.
 _PULL_IMPORTS = (
-    "import llmlb_node.cli, llmlb_node.download, llmlb_node.sources, httpx, filelock, tqdm, "
-    "huggingface_hub"
+    "import llmlb_node.cli, llmlb_node.download, llmlb_node.sources, httpx, filelock, "
+    "huggingface_hub.constants"
 )
 
 
