@@ -238,12 +238,20 @@ def test_lb_routes_require_the_api_key(world: World, path: str) -> None:
 
 
 # -- forwarding ------------------------------------------------------------------------------
+ACCESS = "access: POST /v1/chat/completions"
+
+
 def test_a_failed_request_through_the_lb_is_502_and_asked_once(world: World) -> None:
     with running_node(api_key=KEY) as node, LoadBalancer() as lb:
         _pull(node)  # installed, so advertised; llama.cpp cannot load the tiny model
         lb.register("node-1", node.url, KEY)
         plain = lb.forward(None, "/v1/chat/completions", CHAT)
         stream = lb.forward(None, "/v1/chat/completions", {**CHAT, "stream": True})
+        # The access line is written as the answer ends, which may be just after the LB read
+        # it: wait for both lines (a hang guard, not a timing), then count them.
+        deadline = time.monotonic() + 30
+        while node.log.count(ACCESS) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         log = node.log
 
     assert plain.status == 502  # src/api/openai.rs:1162-1220: any non-2xx
@@ -251,7 +259,7 @@ def test_a_failed_request_through_the_lb_is_502_and_asked_once(world: World) -> 
     assert '"code":"model_load_failed"' in plain.body["error"]["message"].replace(" ", "")
     assert stream.status == 500  # a stream's status passes through
     assert stream.sent["stream_options"] == {"include_usage": True}
-    assert log.count("access: POST /v1/chat/completions") == 2  # once each: never retried
+    assert log.count(ACCESS) == 2  # once each: never retried
 
 
 def test_a_request_past_the_load_wait_is_503_model_loading_with_retry_after(world: World) -> None:
