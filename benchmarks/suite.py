@@ -764,6 +764,7 @@ def bench_cold_proxy(ctx: Context) -> Section:
             LLMLB_URL=ctx.servers.proxy,
             LLMLB_API_KEY=ctx.servers.api_key,
             LLMLB_SUPPORTED_MODELS=str(ctx.catalog_proxy),
+            LLMLB_REUSE="0",  # this row times the proxy path: no look into other tools' caches
         )
         ctx.servers.reset()
         r = run_child(
