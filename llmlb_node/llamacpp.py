@@ -44,7 +44,21 @@ def import_llama_cpp() -> ModuleType:
             "with `llmlb-node backend install --preset NAME`)"
         ) from exc
     route_native_log(llama_cpp)
+    _mend_kv_cache_clear(llama_cpp.llama_cpp)
     return llama_cpp
+
+
+def _mend_kv_cache_clear(native: ModuleType) -> None:
+    """llama-cpp-python 0.3.10 dropped the binding `llama_kv_cache_clear` for llama.cpp's
+    `llama_memory_clear` but its own `Llama.embed` still calls the old name (every embedding
+    failed with AttributeError); give that release the old name, as later ones wrap the new."""
+    if hasattr(native, "llama_kv_cache_clear") or not hasattr(native, "llama_memory_clear"):
+        return
+
+    def llama_kv_cache_clear(ctx: Any) -> None:
+        native.llama_memory_clear(native.llama_get_memory(ctx), True)
+
+    native.llama_kv_cache_clear = llama_kv_cache_clear
 
 
 # -- llama.cpp's log ------------------------------------------------------------------------------

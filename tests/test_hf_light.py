@@ -35,6 +35,13 @@ def test_urls_equal_hf_hub_url(repo: str, revision: str, tmp_path: Path) -> None
 def test_ids_hf_refuses_are_still_refused_by_it(repo: str, tmp_path: Path) -> None:
     settings = Settings.from_env({"LLMLB_HOME": str(tmp_path)})
     source = HuggingFaceSource(settings, repo)
+    try:  # what the installed huggingface_hub says (older releases accept some of these)
+        expected = hf_hub_url(repo, "x.gguf", revision="main", endpoint=settings.hf_endpoint)
+    except ValueError:
+        expected = None
+    if expected is not None:  # it builds a URL: ours is the same one
+        assert source._url(_entry(), ModelFile(filename="x.gguf"), "main") == expected
+        return
     with pytest.raises(CatalogError, match="model 'm'"):
         source._url(_entry(), ModelFile(filename="x.gguf"), "main")
 
