@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # `from servers import ...` / `from gguf import ...`
 
-from servers import HubServer, ProxyServer, refused_url  # noqa: E402
+from servers import (  # noqa: E402
+    HubServer,
+    ProxyServer,
+    RecordedRequest,
+    Reply,
+    ScriptedServer,
+    refused_url,
+)
 
 PROXY_API_KEY = "test-key"
 
@@ -95,3 +102,17 @@ def chromium() -> Iterator[object]:
     from browser import launch
 
     yield from launch()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Callable[[RecordedRequest], Reply]], ScriptedServer]]:
+    """Start scripted loopback servers (one `respond` function each); all closed at the end."""
+    started: list[ScriptedServer] = []
+
+    def start(respond: Callable[[RecordedRequest], Reply]) -> ScriptedServer:
+        started.append(ScriptedServer(respond))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()

@@ -4,7 +4,7 @@ ETag that lies, and a server answering 416 to every resume."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -132,17 +132,6 @@ def test_validators_parse_from_headers_and_sidecars(raw: str | None, parsed: Any
 
 
 # -- real servers --------------------------------------------------------------------------------
-@pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[RecordedRequest], Reply]], ScriptedServer]]:
-    started: list[ScriptedServer] = []
-
-    def start(respond: Callable[[RecordedRequest], Reply]) -> ScriptedServer:
-        started.append(ScriptedServer(respond))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.close()
 
 
 def _as_url(world: World, server: ScriptedServer, model_id: str, **extra: Any) -> str:

@@ -33,21 +33,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[RecordedRequest], Reply]], ScriptedServer]]:
-    """Start ScriptedServers for a test and close them after it."""
-    started: list[ScriptedServer] = []
-
-    def start(respond: Callable[[RecordedRequest], Reply]) -> ScriptedServer:
-        server = ScriptedServer(respond)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.close()
-
-
 def _as_proxy(world: World, server: ScriptedServer, model_id: str, filename: str, **extra: Any):
     """`model_id` served only by `server` standing in for the llmlb proxy (the Hub refuses)."""
     world.monkeypatch.setenv("LLMLB_URL", server.url)

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +19,6 @@ from test_lying_servers import LLMLB_NODE, _as_url, _entry, _nothing_installed, 
 from world import FILENAME, MODEL_ID, SIZE, World
 
 from llmlb_node import ModelDownloadError
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[RecordedRequest], Reply]], ScriptedServer]]:
-    started: list[ScriptedServer] = []
-
-    def start(respond: Callable[[RecordedRequest], Reply]) -> ScriptedServer:
-        started.append(ScriptedServer(respond))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.close()
-
 
 # -- 2. a revision that moves mid-download --------------------------------------------------------
 SHARDS = ("m-00001-of-00002.gguf", "m-00002-of-00002.gguf")

@@ -21,19 +21,6 @@ from world import FILENAME, MODEL_ID, World
 from llmlb_node import InsufficientDiskSpaceError, ModelDownloadError
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[RecordedRequest], Reply]], ScriptedServer]]:
-    started: list[ScriptedServer] = []
-
-    def start(respond: Callable[[RecordedRequest], Reply]) -> ScriptedServer:
-        started.append(ScriptedServer(respond))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.close()
-
-
 def test_gzip_encoded_gguf_is_refused(world: World, serve: Callable[..., ScriptedServer]) -> None:
     content = make_gguf(70_000, seed=81)
     packed = gzip.compress(content)
