@@ -902,41 +902,51 @@ class LazyLlama:
         if isinstance(chat_format, str) and "chat_format" not in kwargs:
             # The catalog knows the template for models whose GGUF carries none.
             kwargs["chat_format"] = chat_format
-        factory = self._factory()
-        from .llamacpp import native_errors, native_log_to_stderr, route_native_log
-
-        if "llama_cpp" in sys.modules:  # also for a llama_factory of the caller's
-            route_native_log(sys.modules["llama_cpp"])
         started = time.perf_counter()
-        verbose = kwargs.get("verbose", True)
-        try:
-            # llama.cpp's own log goes to `logging` (DEBUG), or to stderr for verbose=True.
-            with native_log_to_stderr(verbose):
-                if verbose:
-                    llama = factory(model_path=str(resolved.path), **kwargs)
-                else:
-                    with _QUIET_LOAD_LOCK:
-                        llama = factory(model_path=str(resolved.path), **kwargs)
-        except (ValueError, RuntimeError, OSError) as exc:
-            why = native_errors()
-            arch = _unknown_architecture(resolved.path)
-            if arch is not None:
-                raise ModelLoadError(
-                    f"llama.cpp could not load model {self._model_id!r} from {resolved.path}: "
-                    f"architecture {arch!r} is not supported by this llama.cpp build "
-                    f"(llama-cpp-python {_llama_cpp_version()}); a newer llama-cpp-python may "
-                    "support it (`pip install -U llama-cpp-python`)"
-                ) from exc
-            raise ModelLoadError(
-                f"llama.cpp could not load model {self._model_id!r} from {resolved.path}: "
-                f"{exc}{f' ({why})' if why else ''} (offload plan: {plan})"
-            ) from exc
+        llama = self._construct(resolved.path, kwargs, plan)
         log.info(
             "%s: loaded in %.2fs (%s)",
             self._model_id,
             time.perf_counter() - started,
             plan.layers_text,
         )
+        self._publish(llama, plan)
+        return llama
+
+    def _construct(self, path: Path, kwargs: dict[str, Any], plan: Any) -> Llama:
+        """`Llama(model_path=path, **kwargs)` with llama.cpp's log routed, or ModelLoadError
+        naming what llama.cpp said (an unknown architecture by name)."""
+        factory = self._factory()
+        from .llamacpp import native_errors, native_log_to_stderr, route_native_log
+
+        if "llama_cpp" in sys.modules:  # also for a llama_factory of the caller's
+            route_native_log(sys.modules["llama_cpp"])
+        verbose = kwargs.get("verbose", True)
+        try:
+            # llama.cpp's own log goes to `logging` (DEBUG), or to stderr for verbose=True.
+            with native_log_to_stderr(verbose):
+                if verbose:
+                    return factory(model_path=str(path), **kwargs)
+                with _QUIET_LOAD_LOCK:
+                    return factory(model_path=str(path), **kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            why = native_errors()
+            arch = _unknown_architecture(path)
+            if arch is not None:
+                raise ModelLoadError(
+                    f"llama.cpp could not load model {self._model_id!r} from {path}: "
+                    f"architecture {arch!r} is not supported by this llama.cpp build "
+                    f"(llama-cpp-python {_llama_cpp_version()}); a newer llama-cpp-python may "
+                    "support it (`pip install -U llama-cpp-python`)"
+                ) from exc
+            raise ModelLoadError(
+                f"llama.cpp could not load model {self._model_id!r} from {path}: "
+                f"{exc}{f' ({why})' if why else ''} (offload plan: {plan})"
+            ) from exc
+
+    def _publish(self, llama: Llama, plan: Any) -> None:
+        """Make `llama` the loaded model: attribute writes made before the load reach it."""
+        slot = self._slot
         with self._bind_lock:
             for name, value in self._writes.items():
                 setattr(llama, name, value)
@@ -946,7 +956,6 @@ class LazyLlama:
             for name in _EAGER_METHODS:
                 if callable(getattr(llama, name, None)):
                     self._bind(name, llama)
-        return llama
 
     def _no_attribute(self, name: str, known: frozenset[str]) -> str:
         import difflib
