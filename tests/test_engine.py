@@ -5,6 +5,7 @@ grammars. Proofs come from the engine's own step counters, never from timing.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import threading
 import time
@@ -139,6 +140,61 @@ def test_a_long_prompt_joins_in_chunks_while_a_stream_runs(llama: llama_cpp.Llam
     # which also gave the running stream a token.
     assert engine.stats.largest_prompt_chunk <= 64
     assert during >= 2000 // 64 - 1
+
+
+@pytest.fixture
+def passes(llama: llama_cpp.Llama) -> Iterator[list[int]]:
+    """How many times llama.cpp computes the model's graph (one pass over the weights per
+    micro-batch) in contexts made while this fixture is active: its eval callback sees the output
+    tensor once per pass."""
+    from llama_cpp import _ggml
+
+    name = _ggml.libggml.ggml_get_name
+    name.restype, name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    count = [0]
+
+    @llama_cpp.ggml_backend_sched_eval_callback
+    def observe(tensor: int, ask: bool, _: int) -> bool:
+        if name(tensor) != b"result_output":
+            return False
+        count[0] += not ask
+        return True
+
+    llama.context_params.cb_eval = observe  # the engine's context copies these parameters
+    try:
+        yield count
+    finally:  # a null callback again (assigning the old field back would keep this one)
+        llama.context_params.cb_eval = llama_cpp.ggml_backend_sched_eval_callback()
+
+
+def test_every_step_is_one_pass_over_the_weights_in_whatever_order_requests_arrive(
+    llama: llama_cpp.Llama, passes: list[int]
+) -> None:
+    engine = Engine(llama, parallel=4, n_ctx=256)
+    bias = SamplingParams(temperature=0, logit_bias=NO_EOS)
+    try:
+        prompts = [tokens(llama, f"Chapter {i}. " + "The keeper climbed the stairs. " * 4)
+                   for i in range(4)]  # fmt: skip
+        for generation in [engine.submit(p, bias, max_tokens=2) for p in prompts]:
+            texts(generation)
+        assert until(engine.scheduler.idle)
+        # Chapter 3 first: each prompt goes back to the sequence id whose cells hold it, so they
+        # run in the order 3, 2, 1, 0. llama.cpp takes a batch of one KV stream per sequence in
+        # micro-batches of consecutive ids: the engine must hand it the pieces sorted.
+        steps, before = engine.stats.steps, passes[0]
+        reused = engine.stats.reused_tokens
+        later = [engine.submit(p, bias, max_tokens=16) for p in reversed(prompts)]
+        assert [texts(g)[0] for g in later]
+        assert until(engine.scheduler.idle)
+        assert engine.stats.reused_tokens - reused == sum(len(p) - 1 for p in prompts)
+        assert engine.stats.sequences_per_step[4] >= 12
+        assert passes[0] - before == engine.stats.steps - steps
+        # A prompt sharing only its first tokens with a free sequence takes the lowest id.
+        short = engine.submit(tokens(llama, "Chapter"), GREEDY, max_tokens=1)
+        texts(short)
+        assert short.sequences[0].seq_id == 0
+    finally:
+        engine.close()
 
 
 def test_a_prompt_longer_than_a_sequence_is_refused_before_it_queues(

@@ -16,6 +16,11 @@ from .sequence import Sequence, SequenceState
 
 log = logging.getLogger(__name__)
 
+MIN_REUSE = 16
+"""Fewer shared prefix tokens than this (a BOS, a chat template's first line) are not worth
+taking a free sequence id above the lowest: evaluating them again costs less than the second pass
+over the weights a gap in the running ids costs every step."""
+
 
 @dataclass
 class StepStats:
@@ -88,11 +93,18 @@ class Scheduler:
             self._place(first, self._best_cell(first.prompt))
             for seq in others:
                 seq.parent = first
-                self._place(seq, next(iter(self.free)))
+                self._place(seq, min(self.free))
 
     def _best_cell(self, prompt: list[int]) -> int:
-        """The free sequence id whose cells share the longest prefix with `prompt`."""
-        return max(self.free, key=lambda cell: _common(self.free[cell], prompt))
+        """The free sequence id whose cells share the longest prefix with `prompt`, if that is
+        worth a prompt chunk (`MIN_REUSE`); else, and among equals, the lowest, so that running
+        ids stay consecutive (see `_plan`)."""
+
+        def worth(cell: int) -> tuple[int, int]:
+            shared = _common(self.free[cell], prompt)
+            return (shared if shared >= MIN_REUSE else 0), -cell
+
+        return max(self.free, key=worth)
 
     def _place(self, seq: Sequence, cell: int) -> None:
         held = self.free.pop(cell)
@@ -105,7 +117,11 @@ class Scheduler:
     # -- the batch ---------------------------------------------------------------------------
     def _plan(self) -> list[tuple[Sequence, Piece]]:
         """Decode tokens first (one per decoding sequence), then prompt chunks in arrival order:
-        all the batch has room for when nothing decodes, else at most `prefill_chunk` tokens."""
+        all the batch has room for when nothing decodes, else at most `prefill_chunk` tokens.
+
+        The batch goes in sequence-id order: with one KV stream per sequence llama.cpp splits a
+        batch into micro-batches of consecutive sequence ids (`split_equal`, sequential), so
+        pieces in arrival order (1, 0, 2, ...) cost two passes over the weights instead of one."""
         room = self.context.n_batch
         plan = []
         for seq in self.running:
@@ -121,7 +137,7 @@ class Scheduler:
             last = len(chunk) == len(seq.pending)
             plan.append((seq, Piece(seq.seq_id, chunk, seq.n_cached, last)))
             room -= len(chunk)
-        return plan
+        return sorted(plan, key=lambda entry: entry[1].seq_id)
 
     def _advance(self, seq: Sequence, piece: Piece, index: int) -> None:
         """After the decode: the sequence's cells hold the piece; sample if its logits came."""
