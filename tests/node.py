@@ -22,6 +22,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from servers import refused_url
+
 _LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 
@@ -150,6 +152,16 @@ def running_node(
         yield node
     finally:
         node.stop()
+
+
+def offline_env(home: Path | str, **settings: str) -> dict[str, str]:
+    """The environment of a node whose store is `home` and which reaches no network source: none
+    of the caller's ``LLMLB_*`` or ``HF_*`` settings, the Hub offline and its endpoint refusing
+    connections, plus ``LLMLB_<NAME>`` for each keyword."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
+    env.update(LLMLB_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
+    env.update({f"LLMLB_{k.upper()}": v for k, v in settings.items()})
+    return env
 
 
 def manual_store(tmp_path: Path, gguf_file: Path, *ids: str) -> Path:

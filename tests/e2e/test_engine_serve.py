@@ -6,7 +6,6 @@ timing), cancellation, prefix reuse, n > 1, logprobs, JSON schemas and forced to
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import time
@@ -18,8 +17,7 @@ import httpx
 import openai
 import pydantic
 import pytest
-from node import Node, running_node
-from servers import refused_url
+from node import Node, offline_env, running_node
 
 from .conftest import GEMMA_ID
 
@@ -28,16 +26,9 @@ pytestmark = pytest.mark.e2e
 NO_EOS = {"1": -100, "106": -100}  # Gemma's <eos> and <end_of_turn>: streams run their length
 
 
-def _env(home: Path, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
-    env.update(LLMLB_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    env.update({f"LLMLB_{k.upper()}": v for k, v in settings.items()})
-    return env
-
-
 @pytest.fixture(scope="module")
 def node(gemma_file: Path) -> Iterator[Node]:
-    with running_node(_env(gemma_file.parents[2], N_CTX="512", PARALLEL="4")) as running:
+    with running_node(offline_env(gemma_file.parents[2], N_CTX="512", PARALLEL="4")) as running:
         yield running
 
 
@@ -244,7 +235,7 @@ def test_a_named_tool_choice_calls_that_tool(client: openai.OpenAI) -> None:
 
 
 def test_a_client_leaving_frees_its_sequence_for_the_next(gemma_file: Path) -> None:
-    with running_node(_env(gemma_file.parents[2], N_CTX="512", PARALLEL="1")) as node:
+    with running_node(offline_env(gemma_file.parents[2], N_CTX="512", PARALLEL="1")) as node:
         body = {"model": GEMMA_ID, "prompt": "Count:", "max_tokens": 400, "stream": True,
                 "logit_bias": NO_EOS}  # fmt: skip
         sock = socket.create_connection(("127.0.0.1", node.port))

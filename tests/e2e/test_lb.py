@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 from lb import XLLM, LoadBalancer
-from node import running_node
-from servers import refused_url
+from node import offline_env, running_node
 
 from .conftest import GEMMA_ID, GEMMA_SIZE, GemmaWorld
 
@@ -26,10 +25,7 @@ KEY = "lb-e2e-node-key"  # the node masks its key in answers: a key no answer co
 
 
 def _gemma_env(gemma_file: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
-    home = gemma_file.parents[2]  # the store the session's Gemma was assembled into
-    env.update(LLMLB_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    return env
+    return offline_env(gemma_file.parents[2])  # the store the session's Gemma was assembled into
 
 
 def _health(node) -> dict:  # noqa: ANN001 - tests/node.py's Node

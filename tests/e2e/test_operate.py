@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from node import Node, manual_store, running_node
+from node import Node, manual_store, offline_env, running_node
 from prometheus_client.parser import text_string_to_metric_families
-from servers import refused_url
 
 from llmlb_node.server.memory import need_for
 
@@ -24,14 +22,6 @@ from .test_serve import _open_stream
 pytestmark = pytest.mark.e2e
 
 NO_EOS = {"1": -100, "106": -100}  # Gemma's <eos> and <end_of_turn>: generate until max_tokens
-
-
-def _env(home: Path, **settings: str) -> dict[str, str]:
-    """A node on store `home` with no network source reachable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
-    env.update(LLMLB_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    env.update({f"LLMLB_{k.upper()}": v for k, v in settings.items()})
-    return env
 
 
 def _stream(node: Node, body: dict, seen: threading.Event | None = None) -> list[str]:
@@ -71,7 +61,7 @@ def test_ps_unload_and_delete_of_a_loaded_model_and_its_metrics(
 ) -> None:
     home = manual_store(tmp_path, gemma_file, "gemma-a")
     # One sequence: the second request queues behind the stream instead of joining its batch.
-    with running_node(_env(home, N_CTX="4096", PARALLEL="1")) as node:
+    with running_node(offline_env(home, N_CTX="4096", PARALLEL="1")) as node:
         answer = node.post("/v1/completions", {"model": "gemma-a", "prompt": "Hi", "max_tokens": 4})
         (loaded,) = _ps(node)
         running = threading.Event()
@@ -139,7 +129,7 @@ def test_the_memory_budget_unloads_the_least_recently_used_model_to_make_room(
     need = need_for(gemma_file, 512, contexts=5)  # its own and LLMLB_PARALLEL (4) sequences
     assert need is not None
     budget = str(int(1.5 * need.ram_bytes))  # one Gemma fits, two do not
-    with running_node(_env(home, N_CTX="512", MEMORY_BUDGET=budget)) as node:
+    with running_node(offline_env(home, N_CTX="512", MEMORY_BUDGET=budget)) as node:
         first = node.post("/v1/completions", {"model": "gemma-a", "prompt": "Hi", "max_tokens": 2})
         second = node.post("/v1/completions", {"model": "gemma-b", "prompt": "Hi", "max_tokens": 2})
         loaded = node.loaded()
@@ -163,7 +153,9 @@ def test_two_cold_models_waiting_for_room_under_a_budget_for_one_both_answer(
     need = need_for(gemma_file, 1024, contexts=5)  # its own and LLMLB_PARALLEL (4) sequences
     assert need is not None
     budget = str(int(1.5 * need.ram_bytes))  # one Gemma fits, two do not
-    env = _env(home, N_CTX="1024", MEMORY_BUDGET=budget, MAX_LOADED_MODELS="3", LOAD_WAIT="150")
+    env = offline_env(
+        home, N_CTX="1024", MEMORY_BUDGET=budget, MAX_LOADED_MODELS="3", LOAD_WAIT="150"
+    )
     with running_node(env) as node:
         first = node.post("/v1/completions", {"model": "gemma-c", "prompt": "Hi", "max_tokens": 1})
         story = {"model": "gemma-c", "prompt": "Once", "max_tokens": 900, "logit_bias": NO_EOS}
@@ -205,7 +197,7 @@ def test_sigterm_mid_stream_ends_it_with_an_error_event_then_done_and_exits_0(
     tmp_path: Path, gemma_file: Path
 ) -> None:
     home = manual_store(tmp_path, gemma_file, "gemma-a")
-    with running_node(_env(home, N_CTX="512", SHUTDOWN_GRACE="1")) as node:
+    with running_node(offline_env(home, N_CTX="512", SHUTDOWN_GRACE="1")) as node:
         running = threading.Event()
         lines: list[list[str]] = []
         body = {"model": "gemma-a", "prompt": "Once", "max_tokens": 5000, "logit_bias": NO_EOS}
@@ -233,12 +225,12 @@ def test_a_sigkilled_node_restarted_on_its_store_serves_at_once(
     tmp_path: Path, gemma_file: Path
 ) -> None:
     home = manual_store(tmp_path, gemma_file, "gemma-a")
-    with running_node(_env(home, N_CTX="512")) as node:
+    with running_node(offline_env(home, N_CTX="512")) as node:
         assert node.post("/v1/completions", {"model": "gemma-a", "prompt": "Hi"})[0] == 200
         node.proc.kill()
         node.proc.wait()
 
-    with running_node(_env(home, N_CTX="512")) as node:
+    with running_node(offline_env(home, N_CTX="512")) as node:
         started = time.monotonic()
         status, _, body = node.post(
             "/v1/completions", {"model": "gemma-a", "prompt": "Hi", "max_tokens": 4}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import struct
 import threading
@@ -16,8 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from node import Node, manual_store, running_node
-from servers import refused_url
+from node import Node, manual_store, offline_env, running_node
 
 from .conftest import GEMMA_ID, GemmaWorld
 
@@ -26,18 +24,10 @@ pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
-def _offline_env(home: Path, **settings: str) -> dict[str, str]:
-    """The environment of a node whose store is `home`, with no network source reachable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
-    env.update(LLMLB_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    env.update({f"LLMLB_{k.upper()}": v for k, v in settings.items()})
-    return env
-
-
 @pytest.fixture(scope="module")
 def node(gemma_file: Path) -> Iterator[Node]:
     """A node over the store that already holds Gemma (shared by the read-only tests)."""
-    with running_node(_offline_env(gemma_file.parents[2], N_CTX="512")) as running:
+    with running_node(offline_env(gemma_file.parents[2], N_CTX="512")) as running:
         yield running
 
 
@@ -175,7 +165,7 @@ def _open_stream(node: Node, path: str, body: dict, marker: bytes) -> socket.soc
 
 
 def test_a_disconnected_stream_frees_the_model(tmp_path: Path, gemma_file: Path) -> None:
-    with running_node(_offline_env(gemma_file.parents[2], N_CTX="4096")) as node:
+    with running_node(offline_env(gemma_file.parents[2], N_CTX="4096")) as node:
         client = openai.OpenAI(base_url=node.base_url, api_key="none", max_retries=0)
         sock = _long_stream_request(node)
         sock.close()  # gone after its first token, with ~3000 tokens to go
@@ -196,7 +186,7 @@ def test_a_disconnected_stream_frees_the_model(tmp_path: Path, gemma_file: Path)
 def test_a_disconnected_non_streaming_request_stops_its_generation(
     tmp_path: Path, gemma_file: Path
 ) -> None:
-    with running_node(_offline_env(gemma_file.parents[2], N_CTX="4096")) as node:
+    with running_node(offline_env(gemma_file.parents[2], N_CTX="4096")) as node:
         node.post("/v1/completions", {"model": GEMMA_ID, "prompt": "Hi", "max_tokens": 1})
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
@@ -216,7 +206,7 @@ def test_a_disconnected_non_streaming_request_stops_its_generation(
 
 
 def test_queue_full_is_429_server_busy(gemma_file: Path) -> None:
-    with running_node(_offline_env(gemma_file.parents[2], MAX_QUEUE="1", PARALLEL="1")) as node:
+    with running_node(offline_env(gemma_file.parents[2], MAX_QUEUE="1", PARALLEL="1")) as node:
         sock = _long_stream_request(node)  # running
         waiting = threading.Thread(
             target=node.post,
@@ -241,7 +231,7 @@ def test_queue_full_is_429_server_busy(gemma_file: Path) -> None:
 def test_keep_alive_unloads_an_idle_model_and_a_request_can_override_it(
     gemma_file: Path,
 ) -> None:
-    with running_node(_offline_env(gemma_file.parents[2], KEEP_ALIVE="1s")) as node:
+    with running_node(offline_env(gemma_file.parents[2], KEEP_ALIVE="1s")) as node:
         prompt = {"model": GEMMA_ID, "prompt": "Hi", "max_tokens": 1}
         assert node.post("/v1/completions", prompt)[0] == 200
         assert GEMMA_ID in node.loaded()
@@ -263,7 +253,7 @@ def test_loading_a_second_model_evicts_the_least_recently_used_idle_one(
     tmp_path: Path, gemma_file: Path
 ) -> None:
     home = manual_store(tmp_path, gemma_file, "gemma-a", "gemma-b")
-    with running_node(_offline_env(home, MAX_LOADED_MODELS="1")) as node:
+    with running_node(offline_env(home, MAX_LOADED_MODELS="1")) as node:
         one = {"prompt": "Hi", "max_tokens": 1}
         assert node.post("/v1/completions", {"model": "gemma-a", **one})[0] == 200
         first = node.loaded()

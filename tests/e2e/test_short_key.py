@@ -4,15 +4,13 @@ the scrubber masks secrets in the node's own texts (errors, statuses), not in a 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from node import Node, running_node
-from servers import refused_url
+from node import Node, offline_env, running_node
 
 from .conftest import GEMMA_ID
 
@@ -29,9 +27,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def node(gemma_file: Path) -> Iterator[Node]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
-    env.update(LLMLB_HOME=str(gemma_file.parents[2]), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    with running_node(env, api_key=KEY, N_CTX="1024") as running:
+    with running_node(offline_env(gemma_file.parents[2]), api_key=KEY, N_CTX="1024") as running:
         yield running
 
 

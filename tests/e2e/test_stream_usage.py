@@ -9,7 +9,6 @@ ones the same request answers without streaming (temperature 0: the same tokens)
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ import httpx
 import openai
 import pytest
 from lb import LoadBalancer
-from node import Node, running_node
-from servers import refused_url
+from node import Node, offline_env, running_node
 
 from .conftest import GEMMA_ID
 
@@ -37,9 +35,7 @@ COMPLETION = {"model": GEMMA_ID, "prompt": "The capital of France is", "temperat
 
 @pytest.fixture(scope="module")
 def node(gemma_file: Path) -> Iterator[Node]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
-    env.update(LLMLB_HOME=str(gemma_file.parents[2]), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    with running_node(env, api_key=KEY, N_CTX="1024") as running:
+    with running_node(offline_env(gemma_file.parents[2]), api_key=KEY, N_CTX="1024") as running:
         yield running
 
 

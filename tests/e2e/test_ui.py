@@ -6,7 +6,6 @@ screenshot under the test's tmp folder (`screenshots/`)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from browser import Tab, open_tab
-from node import Node, running_node
+from node import Node, offline_env, running_node
 from servers import refused_url
 
 from llmlb_node.catalog import PACKAGED_CATALOG
@@ -26,17 +25,10 @@ pytestmark = pytest.mark.e2e
 GEMMA_ROW = f"tr[data-model={GEMMA_ID}]"
 
 
-def _offline_env(home: Path, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
-    env.update(LLMLB_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    env.update({f"LLMLB_{k.upper()}": v for k, v in settings.items()})
-    return env
-
-
 @pytest.fixture(scope="module")
 def node(gemma_file: Path) -> Iterator[Node]:
     """A node over the store holding Gemma, with the packaged catalog (read-only tests)."""
-    with running_node(_offline_env(gemma_file.parents[2], N_CTX="512")) as running:
+    with running_node(offline_env(gemma_file.parents[2], N_CTX="512")) as running:
         yield running
 
 

@@ -3,13 +3,11 @@ any model is touched (the answers with the real Gemma are in tests/e2e/test_resp
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node import Node, running_node
-from servers import refused_url
+from node import Node, offline_env, running_node
 
 KEY = "node-key-0123456789"  # the node masks its key in every answer: never a common word
 
@@ -22,9 +20,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """A node over an empty store with no source reachable: a request past validation is 4xx/5xx
     about the model, never a 400 about a parameter."""
     home: Path = tmp_path_factory.mktemp("empty-home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMLB_", "HF_"))}
-    env.update(LLMLB_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT=refused_url())
-    with running_node(env, api_key=KEY) as running:
+    with running_node(offline_env(home), api_key=KEY) as running:
         yield running
 
 
