@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.harness import ChildError
+from benchmarks.harness import ChildError, end_process
 from benchmarks.serving import NO_EOS, Peer, _node, _node_env, _p, peer_available
 from benchmarks.stats import Section, Stat, ratios
 from benchmarks.suite import Context, _rotate
@@ -114,13 +114,7 @@ class LlamaServer:
         _wait_healthy(self.url + "/health", self.proc, "llama-server")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
         self.log.close()
 
 

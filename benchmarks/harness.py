@@ -35,6 +35,17 @@ class ChildError(RuntimeError):
 # --------------------------------------------------------------------------- servers
 
 
+def end_process(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """SIGTERM to the child we started, SIGKILL if it has not exited after `grace` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ServerProcess:
     """`serve.py` in its own process (its threads must not share a GIL with what we measure)."""
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.harness import ROOT, ChildError, write_catalog
+from benchmarks.harness import ROOT, ChildError, end_process, write_catalog
 from benchmarks.stats import Section, Stat, ratios
 from benchmarks.suite import Context, _rotate
 
@@ -151,13 +151,7 @@ class Peer:
         raise ChildError("llama_cpp.server did not start within 120 s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
         self.log.close()
 
 
