@@ -13,10 +13,9 @@ from pathlib import Path
 import openai
 import pytest
 from llama_cpp import Llama
-from node import Node, running_node
+from node import Node, offline_env, running_node
 
 from .conftest import GEMMA_ID
-from .test_serve import _offline_env
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +24,7 @@ TEXT = "Tell me about the history of the city of Paris, in three short sentences
 
 @pytest.fixture(scope="module")
 def node(gemma_file: Path) -> Iterator[Node]:
-    with running_node(_offline_env(gemma_file.parents[2], N_CTX="512")) as running:
+    with running_node(offline_env(gemma_file.parents[2], N_CTX="512")) as running:
         yield running
 
 

@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from node import Node, running_node
+from node import Node, offline_env, running_node
 
 from .conftest import GEMMA_ID
-from .test_serve import _offline_env
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +28,7 @@ CALL = {"id": "call_1", "name": "get_weather", "args": {"city": "Paris"}}
 
 @pytest.fixture(scope="module")
 def node(gemma_file: Path) -> Iterator[Node]:
-    with running_node(_offline_env(gemma_file.parents[2], N_CTX="512")) as running:
+    with running_node(offline_env(gemma_file.parents[2], N_CTX="512")) as running:
         yield running
 
 
