@@ -53,7 +53,9 @@ def test_top_level_symlink_points_at_packaged_file() -> None:
     assert top.resolve() == backend.PRESETS_PATH.resolve()
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+@pytest.mark.skipif(
+    shutil.which("cmake") is None, reason="needs cmake, which checks the presets itself"
+)
 def test_cmake_accepts_the_presets(tmp_path: Path) -> None:
     shutil.copy(backend.PRESETS_PATH, tmp_path / "CMakePresets.json")
     (tmp_path / "CMakeLists.txt").write_text(
@@ -62,7 +64,7 @@ def test_cmake_accepts_the_presets(tmp_path: Path) -> None:
     version = subprocess.run(["cmake", "--version"], capture_output=True, text=True, check=True)
     major, minor = (int(x) for x in version.stdout.split()[2].split(".")[:2])
     if (major, minor) < (3, 21):
-        pytest.skip("cmake too old for presets version 3")
+        pytest.skip("needs cmake 3.21 or later, the first to read presets version 3")
     listed = subprocess.run(
         ["cmake", "--list-presets"], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )

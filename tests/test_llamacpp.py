@@ -7,13 +7,12 @@ import ctypes
 import logging
 import sys
 
+import llama_cpp  # a hard dependency: missing, these tests fail rather than skip
 import pytest
 from world import MODEL_ID, World
 
 from llmlb_node import LazyLlama, LlamaCppNotInstalledError, ModelLoadError
 from llmlb_node.llamacpp import import_llama_cpp, llama_options, native_errors
-
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a hard dependency")
 
 
 def test_values_are_read_as_their_parameter_s_type() -> None:

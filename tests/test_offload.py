@@ -471,7 +471,9 @@ def test_cpu_build_with_vulkan_gpu_suggests_vulkan_preset(
 # --- never hang -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.name != "posix", reason="shell-script fakes")
+@pytest.mark.skipif(
+    os.name != "posix", reason="the fake GPU tools are shell scripts: needs a POSIX system"
+)
 def test_hanging_tool_is_abandoned(tools: Path) -> None:
     # the tool and a grandchild holding its stdout both sleep far past the timeout
     fake_tool(tools, "nvidia-smi", SMI_ONE, extra="sleep 30 &\nsleep 30")
@@ -480,7 +482,9 @@ def test_hanging_tool_is_abandoned(tools: Path) -> None:
     assert time.monotonic() - start < 15  # not the 30 s: room for a loaded machine
 
 
-@pytest.mark.skipif(os.name != "posix", reason="shell-script fakes")
+@pytest.mark.skipif(
+    os.name != "posix", reason="the fake GPU tools are shell scripts: needs a POSIX system"
+)
 def test_detect_devices_bounded_with_hanging_tools(tools: Path) -> None:
     names = ("nvidia-smi", "rocm-smi", "vulkaninfo")
     # Each tool marks that it started, and notes when it sees all three marks while it runs. Run
